@@ -1,0 +1,18 @@
+"""ncl-hub: Nested Collaborative Learning (Li et al., CVPR 2022) for timm and the Hugging Face stack.
+
+``import ncl_hub`` registers the NCL models with timm.
+"""
+from .models import (
+    HUB_ORG, PAPER_MODELS, CosineClassifier, MocoConfig, NCLModel, WeightsUnavailableError, create_model,
+)
+from .losses import (
+    NCLLoss, balanced_logits, hard_category_mask, moco_loss, nbod_loss, ncl_loss, nil_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HUB_ORG", "PAPER_MODELS", "CosineClassifier", "MocoConfig", "NCLModel", "WeightsUnavailableError",
+    "create_model", "NCLLoss", "balanced_logits", "hard_category_mask", "moco_loss", "nbod_loss", "ncl_loss",
+    "nil_loss", "__version__",
+]

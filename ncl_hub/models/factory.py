@@ -1,0 +1,287 @@
+"""timm registration of NCL models: the generic ``ncl`` entrypoint and the paper's named models.
+
+``import ncl_hub`` registers everything here, after which::
+
+    timm.create_model("ncl", backbone="convnext_tiny", num_classes=10)
+    timm.create_model("ncl_resnet50_imagenetlt", pretrained=True)          # ensemble (default tag)
+    timm.create_model("ncl_resnet50_imagenetlt.expert", pretrained=True)   # best single expert
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Union
+
+import torch
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import load_pretrained
+
+from .ncl import MocoConfig, NCLModel, classifier_names
+
+__all__ = ["create_model", "HUB_ORG", "PAPER_MODELS", "WeightsUnavailableError", "CheckpointMismatchError",
+           "check_trunks_match"]
+
+_logger = logging.getLogger(__name__)
+
+HUB_ORG = "ncl-hub"
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# the backbone-independent part of a pretrained_cfg that an NCL model copies from its trunk
+_INPUT_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation",
+               "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "test_pool_size")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (no network, or not published yet)."""
+
+
+# Paper settings (section 4.2 and the released configs, see REFERENCE.md): architecture of each named
+# model. Training hyper-parameters live in recipes/configs.
+PAPER_MODELS: Dict[str, Dict[str, Any]] = {
+    "ncl_resnet32_cifar10lt": dict(backbone="resnet32_cifar", num_classes=10, classifier="linear"),
+    "ncl_resnet32_cifar100lt": dict(backbone="resnet32_cifar", num_classes=100, classifier="linear"),
+    "ncl_resnet50_imagenetlt": dict(backbone="resnet50", num_classes=1000, classifier="cosine", cosine_scale=16.0),
+    "ncl_resnext50_32x4d_imagenetlt": dict(
+        backbone="resnext50_32x4d", num_classes=1000, classifier="cosine", cosine_scale=16.0),
+    "ncl_resnet152_placeslt": dict(backbone="resnet152", num_classes=365, classifier="cosine", cosine_scale=16.0),
+    "ncl_resnet50_inat2018": dict(backbone="resnet50", num_classes=8142, classifier="cosine", cosine_scale=32.0),
+    # tiny variant for tests: 3 experts over an 8-layer CIFAR ResNet
+    "ncl_tiny_test": dict(backbone="resnet8_cifar_tiny", num_classes=10, classifier="linear"),
+}
+
+
+def _trunk_input_cfg(backbone: str) -> Dict[str, Any]:
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return {}
+    cfg = cfg.to_dict(remove_source=True, remove_null=True)
+    return {k: cfg[k] for k in _INPUT_KEYS if k in cfg}
+
+
+def _structure_cfg(backbone: str, num_experts: int) -> Dict[str, Any]:
+    """classifier/first_conv names of a K-expert model, from the trunk's pretrained_cfg."""
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    first = getattr(cfg, "first_conv", None) if cfg is not None else None
+    if isinstance(first, str):
+        first = (first,)
+    return dict(
+        classifier=classifier_names(num_experts),
+        first_conv=tuple(f"trunks.{k}.{f}" for k in range(num_experts) for f in first) if first else None,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "classifier": classifier_names(3),
+        "license": "apache-2.0", "paper_ids": "arXiv:2203.15359",
+        "paper_name": "Nested Collaborative Learning for Long-Tailed Visual Recognition",
+        "origin_url": "https://github.com/Bazinga699/NCL", **kwargs,
+    }
+
+
+def _named_cfgs(name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
+    """The ensemble (default) and single-expert tags of a named model, pointing to their Hub repos."""
+    return {
+        f"{name}.ensemble": _cfg(hf_hub_id=f"{HUB_ORG}/{name}", num_classes=PAPER_MODELS[name]["num_classes"],
+                                 **kwargs),
+        f"{name}.expert": _cfg(hf_hub_id=f"{HUB_ORG}/{name}-expert", num_classes=PAPER_MODELS[name]["num_classes"],
+                               classifier=classifier_names(1), **kwargs),
+    }
+
+
+_CIFAR10 = dict(input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+_CIFAR100 = dict(input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+default_cfgs = generate_default_cfgs({
+    "ncl": _cfg(),
+    **_named_cfgs("ncl_resnet32_cifar10lt", **_CIFAR10),
+    **_named_cfgs("ncl_resnet32_cifar100lt", **_CIFAR100),
+    **_named_cfgs("ncl_resnet50_imagenetlt"),
+    **_named_cfgs("ncl_resnext50_32x4d_imagenetlt"),
+    **_named_cfgs("ncl_resnet152_placeslt"),
+    **_named_cfgs("ncl_resnet50_inat2018"),
+    "ncl_tiny_test": _cfg(**_CIFAR10, num_classes=10),
+})
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's trunks do not fit the model (another backbone, expert count or width)."""
+
+
+def check_trunks_match(state_dict: Dict[str, torch.Tensor], model: NCLModel, source: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError unless ``state_dict`` holds exactly ``model``'s trunk tensors."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("trunks.")}
+    theirs = {k: v for k, v in state_dict.items() if k.startswith("trunks.")}
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shapes = sorted(k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape))
+    if not (missing or unexpected or shapes):
+        return
+    experts = {k.split(".")[1] for k in theirs}
+    detail = []
+    if not theirs:
+        detail.append("it holds no NCL trunks ('trunks.K.*' keys): is it an NCL model at all?")
+    if missing:
+        detail.append(f"{len(missing)} trunk tensors missing (e.g. {missing[:3]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected trunk tensors (e.g. {unexpected[:3]})")
+    if shapes:
+        k = shapes[0]
+        detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(theirs[k].shape)} vs {tuple(own[k].shape)})")
+    raise CheckpointMismatchError(
+        f"{source} does not match this model (backbone {model.backbone!r}, {model.num_experts} experts); the "
+        f"checkpoint has {len(experts)} expert(s). " + "; ".join(detail) + ". Build the model with the "
+        "checkpoint's backbone and expert count (its config.json model_args), or select experts with "
+        "NCLModel.subset()."
+    )
+
+
+def _filter_state_dict(state_dict: Dict[str, torch.Tensor], model: NCLModel) -> Dict[str, torch.Tensor]:
+    """Make an NCL checkpoint fit ``model``: unwrap training checkpoints, drop or fill the MoCo branch,
+    and refuse trunks that do not match (timm loads non-strictly when the class count changes)."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    if any(k.startswith("module.") for k in state_dict):
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    check_trunks_match(state_dict, model)
+    own = model.state_dict()
+    out = {k: v for k, v in state_dict.items() if not k.startswith("moco.") or k in own}
+    # a checkpoint without MoCo loads into a model with one: the branch is re-derived from the trunks
+    for k, v in own.items():
+        if k.startswith("moco.") and k not in out:
+            out[k] = v
+    return out
+
+
+def _load_weights(model: NCLModel, cache_dir: Optional[str] = None, strict: bool = True) -> None:
+    cfg = dict(model.pretrained_cfg)
+    source, hub_id = cfg.get("source"), cfg.get("hf_hub_id")
+    if cfg.get("state_dict") is None and hub_id and source in (None, "", "hf-hub") and not cfg.get("file"):
+        from timm.models._hub import load_state_dict_from_hf
+
+        try:
+            filename = cfg.get("hf_hub_filename") or "model.safetensors"
+            state_dict = load_state_dict_from_hf(hub_id, filename, weights_only=True, cache_dir=cache_dir)
+        except Exception as e:  # offline, unpublished repo, or a network failure
+            arch = cfg.get("architecture", "ncl")
+            raise WeightsUnavailableError(
+                f"pretrained weights for {arch!r} could not be loaded from the Hugging Face Hub repo "
+                f"'{hub_id}' ({type(e).__name__}: {e}). If you are offline or the weights are not "
+                f"published yet, load a local export instead: "
+                f"timm.create_model('local-dir:/path/to/export', pretrained=True), or "
+                f"timm.create_model('{arch}', pretrained=True, "
+                f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'))."
+            ) from e
+        cfg = dict(cfg, source=None, state_dict=state_dict)
+    load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
+                    filter_fn=_filter_state_dict, strict=strict, cache_dir=cache_dir)
+
+
+def _create_ncl(variant: str, pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    cache_dir = kwargs.pop("cache_dir", None)
+    kwargs.pop("pretrained_strict", None)
+    backbone = kwargs.get("backbone")
+    if not backbone:
+        raise ValueError(f"{variant!r} needs a backbone, e.g. timm.create_model('ncl', backbone='resnet50', ...)")
+    if isinstance(pretrained_cfg, str) and pretrained_cfg.startswith("expert"):
+        kwargs.setdefault("num_experts", 1)
+    num_experts = kwargs.setdefault("num_experts", 3)
+    if not isinstance(pretrained_cfg, dict) and variant == "ncl":
+        # the generic entrypoint takes its input pipeline from the backbone's own pretrained_cfg
+        overlay = {**_trunk_input_cfg(backbone), "num_classes": kwargs.get("num_classes", 1000), **overlay}
+    overlay = {**_structure_cfg(backbone, num_experts), **overlay}
+    model = build_model_with_cfg(
+        NCLModel, variant, pretrained=False, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
+        **kwargs,
+    )
+    if pretrained:
+        _load_weights(model, cache_dir=cache_dir)
+    model.reset_momentum_encoders()
+    return model
+
+
+def _named(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> NCLModel:
+    return _create_ncl(variant, pretrained, **dict(PAPER_MODELS[variant], **kwargs))
+
+
+@register_model
+def ncl(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL over any timm backbone: ``timm.create_model('ncl', backbone='convnext_tiny', num_classes=10)``."""
+    return _create_ncl("ncl", pretrained, **kwargs)
+
+
+@register_model
+def ncl_resnet32_cifar10lt(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNet-32, linear heads, CIFAR-10-LT (paper Table 1)."""
+    return _named("ncl_resnet32_cifar10lt", pretrained, kwargs)
+
+
+@register_model
+def ncl_resnet32_cifar100lt(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNet-32, linear heads, CIFAR-100-LT (paper Table 1)."""
+    return _named("ncl_resnet32_cifar100lt", pretrained, kwargs)
+
+
+@register_model
+def ncl_resnet50_imagenetlt(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNet-50, cosine heads (s = 16), ImageNet-LT (paper Table 2)."""
+    return _named("ncl_resnet50_imagenetlt", pretrained, kwargs)
+
+
+@register_model
+def ncl_resnext50_32x4d_imagenetlt(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNeXt-50 32x4d, cosine heads (s = 16), ImageNet-LT (paper Table 2)."""
+    return _named("ncl_resnext50_32x4d_imagenetlt", pretrained, kwargs)
+
+
+@register_model
+def ncl_resnet152_placeslt(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNet-152 (ImageNet-pretrained for training), cosine heads (s = 16), Places-LT."""
+    return _named("ncl_resnet152_placeslt", pretrained, kwargs)
+
+
+@register_model
+def ncl_resnet50_inat2018(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """NCL, 3 x ResNet-50, cosine heads (s = 32), iNaturalist 2018 (paper Table 3)."""
+    return _named("ncl_resnet50_inat2018", pretrained, kwargs)
+
+
+@register_model
+def ncl_tiny_test(pretrained: bool = False, **kwargs: Any) -> NCLModel:
+    """3 x an 8-layer CIFAR ResNet (8/16/32 channels): for fast tests."""
+    return _named("ncl_tiny_test", pretrained, kwargs)
+
+
+def create_model(
+    backbone: str,
+    *,
+    num_classes: int,
+    num_experts: int = 3,
+    classifier: str = "linear",
+    cosine_scale: float = 16.0,
+    moco: Union[None, dict, MocoConfig] = None,
+    pretrained_backbone: bool = False,
+    **backbone_kwargs: Any,
+) -> NCLModel:
+    """Build an NCL model over a timm backbone (same as ``timm.create_model('ncl', backbone=...)``).
+
+    Args:
+        backbone: any timm model name.
+        num_classes: C.
+        num_experts: K.
+        classifier: ``"linear"`` or ``"cosine"``.
+        cosine_scale: s of the cosine classifier.
+        moco: MoCo-v2 branch (training only), or None.
+        pretrained_backbone: start the trunks from timm's pretrained weights for ``backbone``.
+        **backbone_kwargs: passed to each trunk's ``timm.create_model``.
+
+    Returns:
+        an :class:`NCLModel` with ``pretrained_cfg`` resolved from the backbone.
+    """
+    return timm.create_model(
+        "ncl", backbone=backbone, num_classes=num_classes, num_experts=num_experts, classifier=classifier,
+        cosine_scale=cosine_scale, moco=moco, pretrained_backbone=pretrained_backbone, **backbone_kwargs,
+    )

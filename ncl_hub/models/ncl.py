@@ -1,0 +1,403 @@
+"""NCL multi-expert models over any timm backbone.
+
+An :class:`NCLModel` holds K independent timm trunks (built with ``num_classes=0``), one head per
+expert (linear or cosine), and optionally a MoCo-v2 branch per expert for training. Inference
+returns the mean of the experts' logits; ``forward_experts`` returns all of them, ``[K, B, C]``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional, Sequence, Set, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+
+__all__ = ["MocoConfig", "CosineClassifier", "MocoBranch", "NCLModel", "CLASSIFIERS"]
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+@dataclass
+class MocoConfig:
+    """MoCo-v2 branch of each expert (paper section 3.5).
+
+    The projection is Linear(D, hidden_dim) - ReLU - Linear(hidden_dim, dim) on both the query and
+    the key side; the key side (trunk and projection) is a momentum copy of the query side.
+    """
+
+    dim: int = 128  # embedding size of the projection output
+    hidden_dim: Optional[int] = None  # hidden width of the projection MLP; None: the trunk's num_features
+    queue_size: int = 65536  # negatives kept per expert
+    temperature: float = 0.2  # InfoNCE temperature tau
+    momentum: float = 0.999  # EMA factor m of the key encoder
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.queue_size < 1:
+            raise ValueError(f"MoCo dim and queue_size must be >= 1, got dim={self.dim}, queue_size={self.queue_size}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"MoCo momentum must be in [0, 1), got {self.momentum}")
+        if self.temperature <= 0:
+            raise ValueError(f"MoCo temperature must be > 0, got {self.temperature}")
+
+    @classmethod
+    def from_any(cls, value: Union[None, bool, dict, "MocoConfig"]) -> Optional["MocoConfig"]:
+        """Accept None/False (off), True (defaults), a dict of fields, or a MocoConfig."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown MoCo option(s) {unknown}; valid: {sorted(known)}")
+            return cls(**value)
+        raise TypeError(f"moco must be None, a dict or a MocoConfig, got {type(value).__name__}")
+
+
+class CosineClassifier(nn.Module):
+    """logits = s * normalize(x) . normalize(W)^T + b, with b learned and zero-initialised.
+
+    Args:
+        in_features: D.
+        num_classes: C.
+        scale: s.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = num_classes
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, C]."""
+        return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1)) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
+def _make_head(classifier: str, in_features: int, num_classes: int, cosine_scale: float) -> nn.Module:
+    if num_classes <= 0:
+        return nn.Identity()
+    if classifier == "linear":
+        return nn.Linear(in_features, num_classes)
+    if classifier == "cosine":
+        return CosineClassifier(in_features, num_classes, cosine_scale)
+    raise ValueError(f"unknown classifier {classifier!r}; choose one of {CLASSIFIERS}")
+
+
+def _projection(in_features: int, hidden: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class MocoBranch(nn.Module):
+    """Per-expert MoCo-v2 state: query projections, momentum key encoders, queues.
+
+    Training-only: inference ``forward`` never touches it, exports drop it, and
+    :meth:`NCLModel.num_inference_params` excludes it. Key encoders hold no gradient.
+
+    Buffers: ``queue`` [K, N, dim] of L2-normalised keys, ``queue_ptr`` (scalar long).
+    """
+
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
+    def __init__(self, trunks: nn.ModuleList, num_features: int, cfg: MocoConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden_dim or num_features
+        self.query_proj = nn.ModuleList(_projection(num_features, hidden, cfg.dim) for _ in trunks)
+        self.key_trunks = copy.deepcopy(trunks)
+        self.key_proj = copy.deepcopy(self.query_proj)
+        for p in list(self.key_trunks.parameters()) + list(self.key_proj.parameters()):
+            p.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(len(trunks), cfg.queue_size, cfg.dim), dim=-1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def _pairs(self, trunks: nn.ModuleList):
+        query = list(trunks.parameters()) + list(self.query_proj.parameters())
+        key = list(self.key_trunks.parameters()) + list(self.key_proj.parameters())
+        return query, key
+
+    @torch.no_grad()
+    def copy_from_query(self, trunks: nn.ModuleList) -> None:
+        """Set every key encoder (trunk, projection, and trunk buffers) equal to its query side."""
+        self.key_trunks.load_state_dict(trunks.state_dict())
+        self.key_proj.load_state_dict(self.query_proj.state_dict())
+
+    @torch.no_grad()
+    def momentum_update(self, trunks: nn.ModuleList) -> None:
+        """key <- m * key + (1 - m) * query for all K experts in one fused pass."""
+        query, key = self._pairs(trunks)
+        m = self.cfg.momentum
+        torch._foreach_mul_(key, m)
+        torch._foreach_add_(key, query, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def encode_keys(self, x_key: torch.Tensor) -> torch.Tensor:
+        """Second view [B, 3, H, W] -> normalised keys [K, B, dim]."""
+        keys = [proj(trunk(x_key)) for trunk, proj in zip(self.key_trunks, self.key_proj)]
+        return F.normalize(torch.stack(keys).float(), dim=-1)
+
+    def project_queries(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled query features [K, B, D] -> normalised queries [K, B, dim]."""
+        q = [proj(f) for proj, f in zip(self.query_proj, features.unbind(0))]
+        return F.normalize(torch.stack(q).float(), dim=-1)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys [K, n, dim] (gathered from every process) over the oldest entries, wrapping."""
+        size = self.queue.shape[1]
+        if keys.shape[1] > size:
+            keys = keys[:, -size:]
+        n = keys.shape[1]
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % size
+        self.queue.index_copy_(1, idx, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+
+class NCLModel(nn.Module):
+    """K experts over a timm backbone, with the timm model interface.
+
+    Args:
+        backbone: any timm model name (``resnet50``, ``convnext_tiny``, ``resnet32_cifar``, ...).
+        num_classes: C; 0 gives concatenated pooled features from ``forward``.
+        num_experts: K >= 1.
+        classifier: ``"linear"`` or ``"cosine"``.
+        cosine_scale: s of the cosine classifier.
+        moco: MoCo-v2 branch config (training only), or None.
+        pretrained_backbone: start every trunk from the backbone's timm pretrained weights.
+        in_chans: input channels.
+        drop_rate: dropout before each head (timm's ``drop_rate`` of the trunk).
+        **backbone_kwargs: passed to ``timm.create_model`` for each trunk.
+
+    Shapes: ``forward_experts`` [K, B, C]; ``forward`` [B, C] (mean over experts);
+    ``forward_head(pre_logits=True)`` [B, K * D] (the experts' pooled features, concatenated).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int = 1000,
+        num_experts: int = 3,
+        classifier: str = "linear",
+        cosine_scale: float = 16.0,
+        moco: Union[None, dict, MocoConfig] = None,
+        pretrained_backbone: bool = False,
+        in_chans: int = 3,
+        **backbone_kwargs: Any,
+    ):
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {classifier!r}; choose one of {CLASSIFIERS}")
+        _check_backbone(backbone)
+        moco_cfg = MocoConfig.from_any(moco)
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_experts = num_experts
+        self.classifier = classifier
+        self.cosine_scale = cosine_scale
+        self.in_chans = in_chans
+        self.trunks = nn.ModuleList(
+            timm.create_model(backbone, pretrained=pretrained_backbone, num_classes=0, in_chans=in_chans,
+                              **backbone_kwargs)
+            for _ in range(num_experts)
+        )
+        self.expert_features = self.trunks[0].num_features
+        self.num_features = self.head_hidden_size = num_experts * self.expert_features
+        self.heads = nn.ModuleList(
+            _make_head(classifier, self.expert_features, num_classes, cosine_scale) for _ in range(num_experts)
+        )
+        self.moco: Optional[MocoBranch] = (
+            MocoBranch(self.trunks, self.expert_features, moco_cfg) if moco_cfg is not None else None
+        )
+        self.moco_cfg = moco_cfg
+        self.backbone_kwargs = dict(backbone_kwargs)
+
+    def model_args(self, include_moco: bool = False) -> Dict[str, Any]:
+        """Keyword arguments that rebuild this architecture with ``timm.create_model('ncl', **args)``."""
+        args = dict(
+            backbone=self.backbone, num_classes=self.num_classes, num_experts=self.num_experts,
+            classifier=self.classifier, cosine_scale=self.cosine_scale, in_chans=self.in_chans,
+            **self.backbone_kwargs,
+        )
+        if include_moco and self.moco_cfg is not None:
+            args["moco"] = asdict(self.moco_cfg)
+        return args
+
+    # ------------------------------------------------------------------ timm interface
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.ModuleList:
+        return self.heads
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New heads for ``num_classes`` on every expert (0 removes them); trunks are kept."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            for trunk in self.trunks:
+                trunk.reset_classifier(0, global_pool)
+        device = next(self.trunks.parameters()).device
+        self.heads = nn.ModuleList(
+            _make_head(self.classifier, self.expert_features, num_classes, self.cosine_scale).to(device)
+            for _ in range(self.num_experts)
+        )
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for trunk in self.trunks:
+            trunk.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The trunk's parameter groups, matched across every expert (layer i of all experts together)."""
+        inner = self.trunks[0].group_matcher(coarse=coarse)
+        return {name: _prefix_matcher(pattern, r"^trunks\.\d+\.") for name, pattern in inner.items()}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        names: Set[str] = set()
+        for k, trunk in enumerate(self.trunks):
+            if hasattr(trunk, "no_weight_decay"):
+                names |= {f"trunks.{k}.{n}" for n in trunk.no_weight_decay()}
+        return names
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> the trunks' unpooled features stacked, [K, B, ...]."""
+        return torch.stack([trunk.forward_features(x) for trunk in self.trunks])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """[K, B, ...] features -> ensemble logits [B, C], or pooled features [B, K * D] (``pre_logits``)."""
+        pooled = [trunk.forward_head(f, pre_logits=True) for trunk, f in zip(self.trunks, x.unbind(0))]
+        if pre_logits or self.num_classes == 0:
+            return torch.cat(pooled, dim=-1)
+        return torch.stack([head(f) for head, f in zip(self.heads, pooled)]).mean(0)
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> each expert's pooled features [K, B, D]."""
+        return torch.stack([trunk(x) for trunk in self.trunks])
+
+    def forward_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> every expert's logits [K, B, C]."""
+        if self.num_classes == 0:
+            raise RuntimeError("this model has no classifier (num_classes=0); use forward_pooled")
+        return torch.stack([head(trunk(x)) for trunk, head in zip(self.trunks, self.heads)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> ensemble logits [B, C] (mean of the experts' logits)."""
+        if self.num_classes == 0:
+            return self.forward_pooled(x).permute(1, 0, 2).flatten(1)
+        return self.forward_experts(x).mean(0)
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, x: torch.Tensor, x_key: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Training forward: expert logits and, with MoCo and a key view, the contrastive inputs.
+
+        Args:
+            x: query view [B, 3, H, W].
+            x_key: second augmented view [B, 3, H, W] for the key encoders (MoCo only).
+
+        Returns:
+            dict with ``logits`` [K, B, C]; with MoCo and ``x_key``: ``query`` [K, B, dim],
+            ``key`` [K, B, dim] (no gradient) and ``queue`` [K, N, dim] (a snapshot).
+        """
+        pooled = self.forward_pooled(x)
+        out = {"logits": torch.stack([head(f) for head, f in zip(self.heads, pooled.unbind(0))])}
+        if self.moco is not None and x_key is not None:
+            out["query"] = self.moco.project_queries(pooled)
+            out["key"] = self.moco.encode_keys(x_key)
+            out["queue"] = self.moco.queue.clone()
+        return out
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA step of every key encoder towards its query encoder (no-op without MoCo)."""
+        if self.moco is not None:
+            self.moco.momentum_update(self.trunks)
+
+    @torch.no_grad()
+    def reset_momentum_encoders(self) -> None:
+        """Make every key encoder an exact copy of its query encoder (after loading weights)."""
+        if self.moco is not None:
+            self.moco.copy_from_query(self.trunks)
+
+    # ------------------------------------------------------------------ experts and export
+    def subset(self, indices: Sequence[int]) -> "NCLModel":
+        """A standalone NCLModel with the chosen experts (deep copies, no MoCo branch)."""
+        indices = [int(i) for i in indices]
+        if not indices or any(not 0 <= i < self.num_experts for i in indices):
+            raise ValueError(f"expert indices {indices} out of range for K={self.num_experts}")
+        moco, self.moco = self.moco, None
+        try:
+            trunks = [copy.deepcopy(self.trunks[i]) for i in indices]
+            heads = [copy.deepcopy(self.heads[i]) for i in indices]
+            self.trunks, self.heads, saved = nn.ModuleList(), nn.ModuleList(), (self.trunks, self.heads)
+            try:
+                new = copy.deepcopy(self)
+            finally:
+                self.trunks, self.heads = saved
+        finally:
+            self.moco = moco
+        new.trunks, new.heads = nn.ModuleList(trunks), nn.ModuleList(heads)
+        new.num_experts = len(indices)
+        new.num_features = new.head_hidden_size = new.num_experts * new.expert_features
+        new.moco_cfg = None
+        cfg = dict(getattr(self, "pretrained_cfg", {}) or {})
+        for key in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"):
+            cfg.pop(key, None)  # these weights are no longer the source's
+        cfg["classifier"] = classifier_names(new.num_experts)
+        cfg["tag"] = f"expert{indices[0]}" if len(indices) == 1 else "subset"
+        new.pretrained_cfg = new.default_cfg = cfg
+        return new
+
+    def expert(self, index: int) -> "NCLModel":
+        """Expert ``index`` as a standalone single-expert NCLModel (K = 1, deep copy, no MoCo)."""
+        return self.subset([index])
+
+    def inference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """state_dict without the MoCo branch: what exports and the inference model hold."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("moco.")}
+
+    def num_inference_params(self) -> int:
+        """Parameters used at inference (trunks and heads; the MoCo branch excluded)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("moco."))
+
+
+def classifier_names(num_experts: int) -> tuple:
+    """timm ``pretrained_cfg['classifier']`` entry for K heads."""
+    return tuple(f"heads.{k}" for k in range(num_experts))
+
+
+def _check_backbone(backbone: str) -> None:
+    if not isinstance(backbone, str) or not timm.is_model(backbone):
+        import difflib
+
+        close = difflib.get_close_matches(str(backbone), timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
+        raise ValueError(f"unknown timm backbone {backbone!r}.{hint}")
+    if backbone == "ncl" or backbone.startswith("ncl_"):
+        raise ValueError(f"backbone {backbone!r} is itself an NCL model; pass its trunk (e.g. 'resnet50')")
+
+
+def _prefix_matcher(pattern: Any, prefix: str) -> Any:
+    """Prefix a timm group_matcher pattern (a regex string or a list of (regex, ordinal))."""
+    if isinstance(pattern, str):
+        body = re.sub(r"\|\^", "|", pattern[1:] if pattern.startswith("^") else pattern)
+        return f"{prefix}(?:{body})"
+    if isinstance(pattern, (list, tuple)):
+        return [(_prefix_matcher(p, prefix), *rest) for p, *rest in pattern]
+    return pattern
