@@ -5,6 +5,7 @@
 from .models import (
     HUB_ORG, PAPER_MODELS, CosineClassifier, MocoConfig, NCLModel, WeightsUnavailableError, create_model,
 )
+from . import hub  # noqa: F401  (ncl_hub.hub.save_pretrained / load_model / publish)
 from .losses import (
     NCLLoss, balanced_logits, hard_category_mask, moco_loss, nbod_loss, ncl_loss, nil_loss,
 )

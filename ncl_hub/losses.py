@@ -97,7 +97,7 @@ def hard_category_mask(
     target: torch.Tensor,
     hard_ratio: float = 0.3,
     *,
-    anchor: Optional[int] = 0,
+    anchor: Union[None, int, torch.Tensor] = 0,
     variant: Variant = "paper",
 ) -> torch.Tensor:
     """Hard Category Mining (paper eq. 3): the set Psi of each sample as a boolean mask.
@@ -106,7 +106,8 @@ def hard_category_mask(
         logits: raw (not balanced) expert logits [K, B, C]; the anchor expert's row chooses Psi.
         target: labels [B].
         hard_ratio: beta = C_hard / C.
-        anchor: index of the anchor expert; ``None`` draws one at random (torch RNG) per call.
+        anchor: index of the anchor expert (an int, or a 1-element long tensor, which a compiled graph
+            takes as an input); ``None`` draws one at random from the CPU torch RNG per call.
         variant: ``"paper"``: ground truth + round(beta C) hardest negatives;
             ``"official"``: round(beta C) classes in total, ground truth forced in.
 
@@ -118,7 +119,9 @@ def hard_category_mask(
     k = num_hard_classes(num_classes, hard_ratio)
     if anchor is None:
         # drawn on the CPU generator (saved with the run's RNG state), indexed without a host sync
-        pick = torch.randint(num_experts, (1,)).to(logits.device, non_blocking=True)
+        anchor = torch.randint(num_experts, (1,))
+    if isinstance(anchor, torch.Tensor):
+        pick = anchor.reshape(1).to(logits.device, non_blocking=True)
         z = logits.detach().index_select(0, pick)[0].float()
     elif -num_experts <= anchor < num_experts:
         z = logits[anchor].detach().float()
@@ -216,7 +219,7 @@ def ncl_loss(
     *,
     hard_ratio: float = 0.3,
     distill_weight: float = 0.6,
-    anchor: Optional[int] = None,
+    anchor: Union[None, int, torch.Tensor] = None,
     variant: Variant = "paper",
     log_prior: Optional[torch.Tensor] = None,
     validate: bool = True,
@@ -319,8 +322,12 @@ class NCLLoss(nn.Module):
         query: Optional[torch.Tensor] = None,
         key: Optional[torch.Tensor] = None,
         queue: Optional[torch.Tensor] = None,
+        anchor: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """logits [K, B, C], target [B]; optional MoCo query/key [K, B, D] and queue [K, N, D].
+
+        ``anchor`` (a 1-element tensor) overrides a random anchor for this call: the trainer draws it
+        outside a compiled graph so that compiled and eager runs use the same RNG stream.
 
         Returns the ``ncl_loss`` dict; with MoCo inputs, also ``con`` and the total includes
         ``contrastive_weight * con``.
@@ -329,7 +336,8 @@ class NCLLoss(nn.Module):
             validate_target(target, self.num_classes)
         out = ncl_loss(
             logits, target, None, hard_ratio=self.hard_ratio, distill_weight=self.distill_weight,
-            anchor=self.anchor, variant=self.variant, log_prior=self.log_prior, validate=False,
+            anchor=self.anchor if self.anchor is not None or anchor is None else anchor, variant=self.variant,
+            log_prior=self.log_prior, validate=False,
         )
         if query is not None:
             if key is None or queue is None:

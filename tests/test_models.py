@@ -119,6 +119,7 @@ def test_expert_is_a_standalone_copy_with_plain_trunk_cost():
     single = model.expert(1).eval()
     assert single.num_experts == 1 and single.moco is None
     assert single.pretrained_cfg["classifier"] == ("heads.0",) and "hf_hub_id" not in single.pretrained_cfg
+    assert single.pretrained_cfg["first_conv"] == ("trunks.0.conv1",)
     with torch.no_grad():
         assert torch.allclose(single(x), model.forward_experts(x)[1], atol=1e-6)
     # a deep copy: changing it leaves the ensemble alone

@@ -299,6 +299,8 @@ class NCLModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> ensemble logits [B, C] (mean of the experts' logits)."""
+        if self.num_experts == 1:  # a single expert costs exactly its trunk and head
+            return self.heads[0](self.trunks[0](x))
         if self.num_classes == 0:
             return self.forward_pooled(x).permute(1, 0, 2).flatten(1)
         return self.forward_experts(x).mean(0)
@@ -313,14 +315,15 @@ class NCLModel(nn.Module):
 
         Returns:
             dict with ``logits`` [K, B, C]; with MoCo and ``x_key``: ``query`` [K, B, dim],
-            ``key`` [K, B, dim] (no gradient) and ``queue`` [K, N, dim] (a snapshot).
+            ``key`` [K, B, dim] (no gradient) and ``queue`` [K, N, dim]. ``queue`` is the buffer itself
+            (no copy: it is large): enqueue the new keys only after the backward pass.
         """
         pooled = self.forward_pooled(x)
         out = {"logits": torch.stack([head(f) for head, f in zip(self.heads, pooled.unbind(0))])}
         if self.moco is not None and x_key is not None:
             out["query"] = self.moco.project_queries(pooled)
             out["key"] = self.moco.encode_keys(x_key)
-            out["queue"] = self.moco.queue.clone()
+            out["queue"] = self.moco.queue
         return out
 
     @torch.no_grad()
@@ -360,6 +363,11 @@ class NCLModel(nn.Module):
         for key in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"):
             cfg.pop(key, None)  # these weights are no longer the source's
         cfg["classifier"] = classifier_names(new.num_experts)
+        first = cfg.get("first_conv")
+        if first:  # the trunk's stem names, re-indexed for the new experts
+            names = (first,) if isinstance(first, str) else tuple(first)
+            stems = sorted({n.split(".", 2)[2] for n in names if n.startswith("trunks.0.")})
+            cfg["first_conv"] = tuple(f"trunks.{k}.{n}" for k in range(new.num_experts) for n in stems) or None
         cfg["tag"] = f"expert{indices[0]}" if len(indices) == 1 else "subset"
         new.pretrained_cfg = new.default_cfg = cfg
         return new

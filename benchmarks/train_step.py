@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Benchmark one complete NCL training step against its compute floor (not part of the test suite).
+
+One step = forward of every expert (and of every MoCo key encoder), all losses, backward, optimizer step,
+momentum update and queue update: exactly ``ncl_hub.training.StepRunner``, the path ``recipes/train.py``
+runs. Random data; the median of ``--steps`` steps after ``--warmup`` steps.
+
+The compute floor, measured in the same process: K x (one plain training step of the same timm trunk with a
+linear head, cross-entropy and the same SGD) + K x (one no-grad forward of the trunk) when MoCo is on.
+
+Each setting and mode runs in its own subprocess so that peak memory is its own:
+CPU: growth of the peak resident set size (VmHWM, reset after set-up) during the training steps;
+GPU: torch.cuda.max_memory_allocated.
+
+    python benchmarks/train_step.py                      # the CPU settings, eager and compiled
+    python benchmarks/train_step.py --device cuda        # adds batch 256 and ncl_resnet50_imagenetlt at 224 px
+    python benchmarks/train_step.py --only "resnet32_cifar/b64/moco" --modes eager
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CIFAR_MOCO = dict(dim=64, hidden_dim=64, queue_size=1024)
+
+
+def settings(device: str):
+    out = []
+    for batch in (64, 128) + ((256,) if device == "cuda" else ()):
+        for moco in (True, False):
+            out.append(dict(name=f"resnet32_cifar/b{batch}/{'moco' if moco else 'nomoco'}", backbone="resnet32_cifar",
+                            num_experts=3, num_classes=100, size=32, batch=batch, moco=CIFAR_MOCO if moco else None,
+                            classifier="linear"))
+    if device == "cuda":
+        out.append(dict(name="ncl_resnet50_imagenetlt/b64/nomoco", backbone="resnet50", num_experts=3,
+                        num_classes=1000, size=224, batch=64, moco=None, classifier="cosine"))
+    return out
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, steps: int, warmup: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+    import timm
+    from accelerate import Accelerator
+
+    import ncl_hub
+    from ncl_hub.losses import NCLLoss
+    from ncl_hub.training import StepRunner, TrainStep
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    K, C, B, S = setting["num_experts"], setting["num_classes"], setting["batch"], setting["size"]
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if mode == "bf16" else "no")
+    model = ncl_hub.create_model(setting["backbone"], num_classes=C, num_experts=K,
+                                 classifier=setting["classifier"], moco=setting["moco"])
+    counts = [max(1, int(500 * 100 ** (-i / (C - 1)))) for i in range(C)]
+    criterion = NCLLoss(counts, validate_targets=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True, weight_decay=2e-4)
+    step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
+    runner = StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16"))
+    x = torch.randn(B, 3, S, S, device=dev)
+    x_key = torch.randn(B, 3, S, S, device=dev) if setting["moco"] else None
+    y = torch.randint(C, (B,), device=dev)
+    step_module.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+    rss0 = _rss_mib()
+    t_compile = time.perf_counter()
+    runner(x, y, x_key)
+    first_step_s = time.perf_counter() - t_compile
+    step_s = _time(lambda: runner(x, y, x_key), steps, warmup, sync)
+    if device == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = max(0.0, _peak_rss_mib() - rss0)  # growth of the peak RSS during training steps
+    result = dict(setting=setting["name"], mode=mode, device=device, batch=B, threads=threads,
+                  step_ms=round(step_s * 1e3, 2), images_per_s=round(B / step_s, 1),
+                  peak_memory_mib=round(peak_mib, 1), first_step_s=round(first_step_s, 2))
+    if mode == "eager":
+        # the compute floor: K plain trunk training steps + K no-grad trunk forwards (MoCo key encoders)
+        trunk = timm.create_model(setting["backbone"], num_classes=C).to(dev).train()
+        opt = torch.optim.SGD(trunk.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4)
+
+        def plain_step():
+            loss = torch.nn.functional.cross_entropy(trunk(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        plain = _time(plain_step, steps, warmup, sync)
+        fwd = 0.0
+        if setting["moco"]:
+            def key_forward():
+                with torch.no_grad():
+                    trunk.forward_head(trunk.forward_features(x_key), pre_logits=True)
+            fwd = _time(key_forward, steps, warmup, sync)
+        floor = K * plain + K * fwd
+        result.update(floor_ms=round(floor * 1e3, 2), floor_images_per_s=round(B / floor, 1),
+                      step_over_floor=round(step_s / floor, 3))
+    return result
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--modes", default=None, help="comma list of eager, compiled, bf16 (default: eager,compiled)")
+    p.add_argument("--only", default=None, help="run only settings whose name contains this")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        setting, mode = json.loads(args.child)
+        print("RESULT " + json.dumps(run_one(setting, mode, args.device, args.steps, args.warmup, args.threads)))
+        return []
+    modes = (args.modes or ("eager,compiled,bf16" if args.device == "cuda" else "eager,compiled")).split(",")
+    rows = []
+    for setting in settings(args.device):
+        if args.only and args.only not in setting["name"]:
+            continue
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--threads", str(args.threads), "--child", json.dumps([setting, mode])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{setting['name']} {mode}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(line[7:])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    eager = {r["setting"]: r for r in rows if r["mode"] == "eager"}
+    print()
+    print(f"{'setting':<34} {'mode':<9} {'img/s':>8} {'step ms':>9} {'floor ms':>9} {'step/floor':>10} "
+          f"{'peak MiB':>9} {'1st step s':>10}")
+    for r in rows:
+        floor = eager.get(r["setting"], {}).get("floor_ms")
+        ratio = f"{r['step_ms'] / floor:.3f}" if floor else "-"
+        floor_s = f"{floor:.1f}" if floor else "-"
+        print(f"{r['setting']:<34} {r['mode']:<9} {r['images_per_s']:>8.1f} {r['step_ms']:>9.1f} {floor_s:>9} "
+              f"{ratio:>10} {r['peak_memory_mib']:>9.1f} {r['first_step_s']:>10.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,757 @@
+"""NCL training with Accelerate on Hugging Face datasets: the logic behind ``recipes/train.py``.
+
+``train(cfg)`` builds the data (long-tailed resampling, a balanced validation split held out from the
+training data), the model, the loss, the optimizer and the schedule; trains with Accelerate (devices,
+mixed precision, gradient accumulation, several processes, trackers); checkpoints every epoch with
+``accelerator.save_state`` (atomically, keeping the last N) and the best-on-validation model; and at the
+end evaluates the best model and writes hub-ready exports.
+
+Run folder (``cfg.output_dir``)::
+
+    config.yaml        the resolved configuration
+    run_info.json      class names and counts, selection results, timings, the command
+    checkpoints/       epoch_XXXX[_step_YYYYYY]/ accelerator.save_state folders (the last keep_last)
+    best/              the best-on-validation ensemble (hub.save_pretrained layout)
+    eval/              metrics.json, summary.md, plots
+    export/ensemble/   hub-ready ensemble;  export/expert/  the selected single expert
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, RunConfig, config_to_dict, save_config
+from .losses import NCLLoss, validate_class_counts
+from .models import MocoConfig, NCLModel, create_model
+
+__all__ = ["train", "build_data", "build_model", "build_criterion", "lr_factor", "NonFiniteLossError",
+           "find_checkpoint", "DataBundle", "ExpertCELoss"]
+
+_logger = logging.getLogger(__name__)
+_BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
+_LOSS_TERMS = ("loss", "nil_all", "nil_hard", "nbod_all", "nbod_hard", "ce", "con")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------- losses
+class ExpertCELoss(nn.Module):
+    """The baselines: cross-entropy per expert, summed over experts; ``balanced`` adds log(class_counts)
+    to the logits (Balanced Softmax CE, Ren et al. 2020). Same call signature as NCLLoss."""
+
+    log_prior: torch.Tensor
+
+    def __init__(self, class_counts, *, balanced: bool, contrastive_weight: float = 1.0, temperature: float = 0.2):
+        super().__init__()
+        counts = validate_class_counts(class_counts)
+        self.register_buffer("log_prior", counts.log() if balanced else torch.zeros_like(counts), persistent=False)
+        self.contrastive_weight = contrastive_weight
+        self.temperature = temperature
+
+    def forward(self, logits, target, query=None, key=None, queue=None, anchor=None) -> Dict[str, torch.Tensor]:
+        from .losses import moco_loss
+
+        logp = (logits.float() + self.log_prior).log_softmax(-1)
+        ce = -logp.gather(-1, target.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1).mean(-1).sum()
+        out = {"ce": ce, "loss": ce}
+        if query is not None:
+            out["con"] = moco_loss(query, key, queue, self.temperature)
+            out["loss"] = ce + self.contrastive_weight * out["con"]
+        return out
+
+
+def build_criterion(cfg: RunConfig, class_counts: List[int]) -> nn.Module:
+    """The training objective named by ``cfg.loss.name`` (ncl | bsce | ce), plus MoCo if enabled."""
+    name = cfg.loss.name
+    con = dict(contrastive_weight=cfg.moco.weight, temperature=cfg.moco.temperature)
+    if name == "ncl":
+        return NCLLoss(class_counts, hard_ratio=cfg.loss.hard_ratio, distill_weight=cfg.loss.distill_weight,
+                       anchor=cfg.loss.anchor, variant=cfg.loss.variant, validate_targets=False, **con)
+    if name in ("bsce", "ce"):
+        return ExpertCELoss(class_counts, balanced=name == "bsce", **con)
+    raise ConfigError(f"unknown loss {name!r}; choose ncl, bsce or ce")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DataBundle:
+    train: Any
+    val: Optional[Any]
+    test: Optional[Any]
+    class_names: List[str]
+    class_counts: List[int]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _class_names(dataset) -> List[str]:
+    feature = dataset.features["label"]
+    names = getattr(feature, "names", None)
+    if not names:
+        raise ConfigError("the label column has no class names (ClassLabel); cannot tell the number of classes")
+    return list(names)
+
+
+def _check_labels(dataset, num_classes: int, split: str) -> None:
+    labels = np.asarray(dataset.with_format(None)["label"]) if len(dataset) else np.zeros(0, dtype=np.int64)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{split} labels must be integers, got {labels.dtype}")
+    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ConfigError(f"{split} label at index {i} is {int(labels[i])}, outside [0, {num_classes}); "
+                          f"{bad.size} label(s) out of range")
+
+
+def build_data(cfg: RunConfig) -> DataBundle:
+    """Load the dataset, make the train split long-tailed, hold out a balanced validation split."""
+    from . import data as D
+
+    dc = cfg.data
+    if dc.dataset in _BENCHMARKS:
+        if not dc.benchmark_root:
+            raise ConfigError(f"dataset {dc.dataset!r} needs --data.benchmark_root (the folder of its images)")
+        splits = D.load_benchmark(dc.dataset, dc.benchmark_root)
+    else:
+        splits = D.load_image_dataset(dc.dataset, config_name=dc.config_name, train_split=dc.train_split,
+                                      test_split=dc.test_split or "test", image_column=dc.image_column,
+                                      label_column=dc.label_column)
+    if dc.train_split not in splits:
+        raise ConfigError(f"dataset {dc.dataset!r} has no split {dc.train_split!r}; it has {sorted(splits)}")
+    train = splits[dc.train_split]
+    names = _class_names(train)
+    _check_labels(train, len(names), dc.train_split)
+    if dc.imbalance_factor is not None and dc.imbalance_factor < 1:
+        raise ConfigError(f"imbalance_factor must be >= 1, got {dc.imbalance_factor}")
+    if dc.imbalance_factor is not None:
+        train = D.prepare_long_tailed(train, dc.imbalance_factor, profile=dc.lt_profile, seed=dc.lt_seed)
+    val = None
+    if dc.val_per_class > 0:
+        own_val = next((s for s in ("val", "validation") if s in splits and s not in (dc.train_split, dc.test_split)),
+                       None)
+        if own_val is not None:  # a benchmark's own validation list (e.g. ImageNet-LT's 20 per class)
+            val = splits[own_val]
+        else:
+            train, val = D.split_validation(train, per_class=dc.val_per_class, seed=cfg.seed)
+    if dc.limit_train is not None and dc.limit_train < len(train):
+        train = train.shuffle(seed=cfg.seed).select(range(dc.limit_train))
+    counts = D.class_counts(train, len(names))
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if empty:
+        shown = ", ".join(f"{i} ({names[i]})" for i in empty[:10])
+        raise ConfigError(f"{len(empty)} class(es) have no training images after long-tailed resampling and the "
+                          f"validation hold-out: {shown}. Lower the imbalance factor or --data.val_per_class.")
+    test = None
+    if dc.test_split and dc.test_split in splits:
+        test = splits[dc.test_split]
+        _check_labels(test, len(names), dc.test_split)
+    if dc.limit_eval is not None:
+        val = val.select(range(min(dc.limit_eval, len(val)))) if val is not None else None
+        test = test.select(range(min(dc.limit_eval, len(test)))) if test is not None else None
+    return DataBundle(train=train, val=val if val is not None and len(val) else None, test=test,
+                      class_names=names, class_counts=counts, source=dc.dataset)
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """Seeds the augmentation of sample i in epoch e from (seed, e, i): the pipeline is then the same
+    whatever the number of workers, and a resumed run sees exactly the images an uninterrupted one saw.
+    The caller's RNG state is restored after each sample (it may run in the main process)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(state[0]))
+            random.seed(int(state[1]))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str]] = None) -> NCLModel:
+    """The NCL model of ``cfg.model`` for ``num_classes`` (with the MoCo branch when enabled)."""
+    import timm
+
+    mc = cfg.model
+    moco = None
+    if cfg.moco.enabled:
+        moco = MocoConfig(dim=cfg.moco.dim, hidden_dim=cfg.moco.hidden_dim, queue_size=cfg.moco.queue_size,
+                          temperature=cfg.moco.temperature, momentum=cfg.moco.momentum)
+    if mc.num_experts < 1:
+        raise ConfigError(f"model.num_experts must be >= 1, got {mc.num_experts}")
+    if mc.name:
+        if not timm.is_model(mc.name) or not mc.name.startswith("ncl"):
+            from .models import PAPER_MODELS
+
+            raise ConfigError(f"model.name {mc.name!r} is not a registered NCL model; choose one of "
+                              f"{sorted(PAPER_MODELS)} or set model.backbone instead")
+        model = timm.create_model(mc.name, num_classes=num_classes, num_experts=mc.num_experts, moco=moco,
+                                  pretrained_backbone=mc.pretrained_backbone, **mc.backbone_kwargs)
+    else:
+        try:
+            model = create_model(mc.backbone, num_classes=num_classes, num_experts=mc.num_experts,
+                                 classifier=mc.classifier, cosine_scale=mc.cosine_scale, moco=moco,
+                                 pretrained_backbone=mc.pretrained_backbone, **mc.backbone_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if class_names is not None:
+        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=tuple(class_names))
+    if cfg.init_from:
+        from . import hub
+
+        hub.init_from(model, cfg.init_from, experts=cfg.init_experts)
+    if cfg.freeze_trunks:
+        from . import hub
+
+        hub.freeze_trunks(model)
+    if mc.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
+    """Multiplier of the peak rate after ``step`` optimizer steps: linear warm-up, then multistep or cosine."""
+    oc = cfg.optim
+    epoch = step / max(1, steps_per_epoch)
+    if oc.warmup_epochs > 0 and epoch < oc.warmup_epochs:
+        return (step + 1) / max(1.0, oc.warmup_epochs * steps_per_epoch)
+    if oc.schedule == "multistep":
+        return oc.gamma ** sum(epoch >= m for m in oc.milestones)
+    if oc.schedule == "cosine":
+        span = max(1e-8, cfg.epochs - oc.warmup_epochs)
+        t = min(1.0, (epoch - oc.warmup_epochs) / span)
+        floor = oc.min_lr / oc.lr if oc.lr > 0 else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    raise ConfigError(f"unknown schedule {oc.schedule!r}; choose multistep or cosine")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class Progress:
+    """Where the run is; saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batches_done: int = 0  # micro-batches of the current epoch already trained on this process
+    global_step: int = 0  # optimizer steps so far
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    selected_expert: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    partial_sums: List[float] = field(default_factory=list)  # loss sums of the current epoch so far
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"json": json.dumps(self.__dict__)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(json.loads(state["json"]))
+
+
+def _checkpoint_dirs(output_dir: Path) -> List[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp"):
+            _logger.warning("skipping incomplete checkpoint %s (an interrupted save)", p)
+        elif p.is_dir() and (p / "progress.json").is_file():
+            done.append(p)
+    return sorted(done, key=lambda p: json.loads((p / "progress.json").read_text())["global_step"])
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path:
+    """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise the given folder."""
+    if resume == "latest":
+        found = _checkpoint_dirs(output_dir)
+        if not found:
+            raise ConfigError(f"--resume latest: no complete checkpoint under {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "progress.json").is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no progress.json)")
+    return path
+
+
+def _save_checkpoint(accelerator, output_dir: Path, progress: Progress, keep_last: int, tag: str) -> Path:
+    """accelerator.save_state into a temporary folder, then an atomic rename; prune old epoch checkpoints."""
+    root = output_dir / "checkpoints"
+    final = root / tag
+    tmp = root / f".tmp-{tag}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress.__dict__))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        epochs = [p for p in _checkpoint_dirs(output_dir)]
+        for old in epochs[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- the step
+class TrainStep(nn.Module):
+    """The model plus its loss as one module: what Accelerate prepares (DDP wraps this forward) and what
+    ``torch.compile`` compiles. Returns the loss terms and the MoCo keys to enqueue."""
+
+    def __init__(self, model: NCLModel, criterion: nn.Module):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None,
+                anchor: Optional[torch.Tensor] = None):
+        out = self.model.forward_train(x, x_key)
+        losses = self.criterion(out["logits"], target, out.get("query"), out.get("key"), out.get("queue"),
+                                anchor=anchor)
+        return losses, out.get("key")
+
+
+class StepRunner:
+    """One training micro-step, the same for ``train`` and ``benchmarks/train_step.py``: forward and loss
+    (compiled with ``torch.compile`` when asked), backward, and on each optimizer step the update, the
+    schedule and the fused momentum update of the key encoders; then the MoCo keys gathered from every
+    process are enqueued. No host sync: the random anchor expert is drawn from the CPU generator and passed
+    to the (possibly compiled) graph as a tensor.
+
+    Args:
+        accelerator: the run's Accelerator.
+        step_module: the prepared :class:`TrainStep`.
+        optimizer: the prepared optimizer.
+        scheduler: an LR scheduler stepped once per optimizer step (or None).
+        compile: wrap the forward in ``torch.compile``.
+        clip_grad_norm: optional gradient-norm clipping.
+    """
+
+    def __init__(self, accelerator, step_module: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
+                 clip_grad_norm: Optional[float] = None):
+        self.accelerator = accelerator
+        self.step_module = step_module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.clip_grad_norm = clip_grad_norm
+        inner = _unwrap(step_module)
+        self.model: NCLModel = inner.model
+        self.random_anchor = getattr(inner.criterion, "anchor", 0) is None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.forward = torch.compile(step_module) if compile else step_module
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None):
+        """Returns (loss terms dict, whether an optimizer step happened)."""
+        acc = self.accelerator
+        anchor = torch.randint(self.model.num_experts, (1,)) if self.random_anchor else None
+        with acc.accumulate(self.step_module):
+            losses, keys = self.forward(x, target, x_key, anchor)
+            acc.backward(losses["loss"])  # divided by grad_accum inside
+            if acc.sync_gradients and self.clip_grad_norm:
+                acc.clip_grad_norm_(self.params, self.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if keys is not None:
+            # every process enqueues the keys of all processes: the queues stay identical
+            self.model.moco.enqueue(acc.gather(keys.detach().transpose(0, 1).contiguous()).transpose(0, 1))
+        if acc.sync_gradients:
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.model.momentum_update()
+        return losses, acc.sync_gradients
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+    return module
+
+
+def _check_output_dir(cfg: RunConfig, output_dir: Path) -> None:
+    holds_run = (output_dir / "config.yaml").exists() or (output_dir / "checkpoints").exists()
+    if holds_run and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"output folder {output_dir} holds another run; pass --resume to continue it, "
+                          f"--overwrite to replace it, or choose another --output_dir")
+
+
+def _validate(cfg: RunConfig, num_processes: int) -> int:
+    """Checks that need no data; returns the per-process micro-batch size."""
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+    if not 0 < cfg.loss.hard_ratio < 1:
+        raise ConfigError(f"loss.hard_ratio must be in (0, 1), got {cfg.loss.hard_ratio}")
+    if cfg.loss.variant not in ("paper", "official"):
+        raise ConfigError(f"loss.variant must be paper or official, got {cfg.loss.variant!r}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.data.on_decode_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_decode_error must be raise or skip, got {cfg.data.on_decode_error!r}")
+    if cfg.data.val_per_class < 0:
+        raise ConfigError(f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}")
+    per_step = num_processes * cfg.grad_accum
+    if cfg.data.batch_size < per_step:
+        raise ConfigError(f"batch_size {cfg.data.batch_size} is smaller than processes x grad_accum = {per_step}: "
+                          "every process needs at least one image per micro-batch")
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(f"batch_size {cfg.data.batch_size} must be divisible by processes x grad_accum = "
+                          f"{per_step} so that the effective batch is exactly batch_size")
+    if cfg.moco.enabled and cfg.moco.queue_size < 1:
+        raise ConfigError("moco.queue_size must be >= 1")
+    return cfg.data.batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train, select on validation, evaluate and export. Returns the final metrics and paths."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from . import evaluate as E
+    from . import hub
+    from . import samplers as S
+    from . import transforms as T
+
+    t_start = time.time()
+    output_dir = Path(cfg.output_dir)
+    _check_output_dir(cfg, output_dir)
+    accelerator = Accelerator(
+        cpu=_cpu_multiprocess(),
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    micro_batch = _validate(cfg, accelerator.num_processes)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    set_seed(cfg.seed)
+
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, data.class_names)
+    criterion = build_criterion(cfg, data.class_counts)
+    if cfg.overwrite and accelerator.is_main_process and not cfg.resume:
+        for sub in ("checkpoints", "best", "eval", "export", "logs"):
+            shutil.rmtree(output_dir / sub, ignore_errors=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    n_max, n_min = max(data.class_counts), min(data.class_counts)
+    accelerator.print(
+        f"data: {data.source} | {data.num_classes} classes | train {len(data.train)} images "
+        f"(max {n_max}, min {n_min}, IF {n_max / n_min:.1f}) "
+        f"| val {len(data.val) if data.val is not None else 0} | test {len(data.test) if data.test is not None else 0}")
+    n_params = model.num_inference_params()
+    accelerator.print(f"model: {model.num_experts} x {model.backbone} ({model.classifier} heads), "
+                      f"{n_params / 1e6:.2f}M inference parameters, loss {cfg.loss.name}"
+                      f"{' + MoCo' if model.moco is not None else ''}")
+
+    # data pipeline: decoding and augmentation in the loader workers
+    pcfg = model.pretrained_cfg
+    train_tf = T.build_train_transform(cfg.data.augment, pcfg)
+    key_tf = T.moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
+    train_set = EpochSeededDataset(
+        T.TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
+        seed=cfg.seed)
+    labels = data.train.with_format(None)["label"]
+    sampler = S.build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
+                              num_epochs=cfg.epochs)
+    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                     persistent_workers=False)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+    eval_tf = T.eval_transform(pcfg)
+    eval_loaders = {}
+    for name, ds in (("val", data.val), ("test", data.test)):
+        if ds is not None:
+            eval_loaders[name] = torch.utils.data.DataLoader(
+                T.TransformedImageDataset(ds, eval_tf, on_decode_error=cfg.data.on_decode_error),
+                batch_size=cfg.data.eval_batch_size, shuffle=False, **loader_kw)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                weight_decay=cfg.optim.weight_decay)
+    step_module = TrainStep(model, criterion)
+    step_module, optimizer, train_loader = accelerator.prepare(step_module, optimizer, train_loader)
+    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"the training split ({len(data.train)} images) is smaller than one batch "
+                          f"({cfg.data.batch_size}); lower --data.batch_size")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        lambda s: lr_factor(s, steps_per_epoch, cfg))
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    unwrapped: NCLModel = _unwrap(step_module).model
+    run_step = StepRunner(accelerator, step_module, optimizer, scheduler, compile=cfg.compile,
+                          clip_grad_norm=cfg.optim.clip_grad_norm)
+
+    if cfg.resume:
+        ckpt = find_checkpoint(output_dir, cfg.resume)
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt}: epoch {progress.epoch + 1}, step {progress.global_step}")
+    if cfg.log_with:
+        accelerator.init_trackers("ncl", config=_flat_config(cfg))
+
+    images_per_step = micro_batch * accelerator.num_processes * cfg.grad_accum
+    log_every = max(1, cfg.log_every)
+    for epoch in range(progress.epoch, cfg.epochs):
+        progress.epoch = epoch
+        train_set.epoch = epoch
+        sampler.set_epoch(epoch)
+        step_module.train()
+        skip = progress.batches_done
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        steps_left = steps_per_epoch - skip // cfg.grad_accum
+        bar = tqdm(total=steps_per_epoch, initial=skip // cfg.grad_accum, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+        window = torch.zeros(log_every, len(_LOSS_TERMS), device=accelerator.device)
+        sums = torch.tensor(progress.partial_sums if skip and progress.partial_sums else [0.0] * len(_LOSS_TERMS),
+                            device=accelerator.device)
+        t_epoch, n_steps, t_window = time.time(), 0, time.time()
+        for batch in loader:
+            losses, stepped = run_step(batch["pixel_values"], batch["label"], batch.get("key_values"))
+            progress.batches_done += 1
+            if not stepped:
+                continue
+            row = torch.stack([losses.get(k, sums.new_zeros(())).detach().float() for k in _LOSS_TERMS])
+            window[progress.global_step % log_every] = row
+            sums += row
+            progress.global_step += 1
+            n_steps += 1
+            bar.update(1)
+            if progress.global_step % log_every == 0 or n_steps == steps_left:
+                _check_finite(window, progress.global_step, min(log_every, n_steps))
+                if accelerator.is_local_main_process:
+                    rate = images_per_step * ((n_steps - 1) % log_every + 1) / max(1e-9, time.time() - t_window)
+                    bar.set_postfix(loss=f"{window[(progress.global_step - 1) % log_every, 0].item():.3f}",
+                                    img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+                t_window = time.time()
+                if cfg.log_with:
+                    accelerator.log({f"train/{k}": v for k, v in zip(_LOSS_TERMS, window[
+                        (progress.global_step - 1) % log_every].tolist())} | {"lr": scheduler.get_last_lr()[0]},
+                        step=progress.global_step)
+            if cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0 and n_steps < steps_left:
+                progress.partial_sums = sums.tolist()
+                _save_checkpoint(accelerator, output_dir, progress, cfg.keep_last,
+                                 f"epoch_{epoch:04d}_step_{progress.global_step:07d}")
+            if n_steps >= steps_left:
+                break
+        bar.close()
+        elapsed = time.time() - t_epoch
+        epoch_steps = skip // cfg.grad_accum + n_steps
+        means = {k: v for k, v in zip(_LOSS_TERMS, (sums / max(1, epoch_steps)).tolist()) if v != 0.0}
+        record = {"epoch": epoch + 1, "step": progress.global_step, "lr": scheduler.get_last_lr()[0],
+                  "time_s": round(elapsed, 2), "images_per_s": round(images_per_step * n_steps / max(elapsed, 1e-9), 1),
+                  **{f"train_{k}": round(v, 4) for k, v in means.items()}}
+        if "val" in eval_loaders:
+            logits, target = E.predict(unwrapped, eval_loaders["val"], accelerator)
+            val = E.split_metrics(logits, target, data.class_counts)
+            record["val_top1"] = val["ensemble"]["top1"]
+            record["val_expert_top1"] = [e["top1"] for e in val["experts"]]
+            if val["ensemble"]["top1"] > progress.best_metric:
+                progress.best_metric, progress.best_epoch = val["ensemble"]["top1"], epoch + 1
+                progress.selected_expert = int(val["best_expert"])
+                _save_best(accelerator, unwrapped, output_dir, cfg, data)
+        else:  # no validation split: the last epoch is the model, expert 0 the single expert
+            progress.best_epoch, progress.selected_expert = epoch + 1, 0
+            _save_best(accelerator, unwrapped, output_dir, cfg, data)
+        progress.history.append(record)
+        accelerator.print(_epoch_line(record, progress))
+        if cfg.log_with:
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=progress.global_step)
+        progress.epoch, progress.batches_done, progress.partial_sums = epoch + 1, 0, []
+        _save_checkpoint(accelerator, output_dir, progress, cfg.keep_last, f"epoch_{epoch:04d}")
+
+    # final: the best model on every evaluation split, then exports
+    accelerator.wait_for_everyone()
+    best = hub.load_model(f"local-dir:{output_dir / 'best'}")
+    best.to(accelerator.device)
+    predictions = {}
+    for name in cfg.eval_splits:
+        if name in eval_loaders:
+            predictions[name] = E.predict(best, eval_loaders[name], accelerator)
+    selected = progress.selected_expert
+    metrics = E.evaluate_predictions(predictions, data.class_counts, selected_expert=selected)
+    result: Dict[str, Any] = {"metrics": metrics, "output_dir": str(output_dir), "best_epoch": progress.best_epoch,
+                              "selected_expert": selected, "history": progress.history}
+    if accelerator.is_main_process:
+        report = E.write_report(metrics, output_dir / "eval", title=f"NCL on {data.source}")
+        run_info = {
+            "class_names": data.class_names, "class_counts": data.class_counts, "dataset": data.source,
+            "imbalance_factor": cfg.data.imbalance_factor, "command": _command(argv),
+            "best_epoch": progress.best_epoch, "selected_expert": selected, "epochs": cfg.epochs,
+            "wall_time_s": round(time.time() - t_start, 1), "num_processes": accelerator.num_processes,
+            "history": progress.history,
+        }
+        (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        common = dict(metrics=metrics, config=config_to_dict(cfg), class_names=data.class_names,
+                      class_counts=data.class_counts, plots_dir=output_dir / "eval", command=run_info["command"],
+                      run_info=run_info)
+        hub.save_pretrained(best, output_dir / "export" / "ensemble", variant="ensemble", **common)
+        hub.save_pretrained(best, output_dir / "export" / "expert", variant="expert", expert_index=selected, **common)
+        result["report"] = {k: str(v) for k, v in report.items()}
+        accelerator.print(E.format_summary(metrics, title=f"NCL on {data.source}"))
+        accelerator.print(f"wrote {output_dir / 'export'} (ensemble, and expert {selected} chosen on "
+                          f"{'validation' if data.val is not None else 'nothing: no validation split'}) "
+                          f"in {time.time() - t_start:.0f}s")
+        if cfg.push_to_hub:
+            result["hub"] = hub.publish(output_dir, cfg.push_to_hub, private=cfg.hub_private)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _cpu_multiprocess() -> bool:
+    """torchrun/accelerate launched several processes on a machine without a GPU: Accelerate only picks
+    gloo CPU data parallelism when told ``cpu=True``."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _save_best(accelerator, model: NCLModel, output_dir: Path, cfg: RunConfig, data: DataBundle) -> None:
+    from . import hub
+
+    if accelerator.is_main_process:
+        hub.save_pretrained(model, output_dir / "best", variant="ensemble", config=config_to_dict(cfg),
+                            class_names=data.class_names, class_counts=data.class_counts)
+    accelerator.wait_for_everyone()
+
+
+def _check_finite(window: torch.Tensor, global_step: int, n: int) -> None:
+    """Raise NonFiniteLossError naming the first bad step and term among the last ``n`` steps (one sync)."""
+    if bool(torch.isfinite(window).all()):
+        return
+    rows = window.shape[0]
+    for back in range(n - 1, -1, -1):
+        step = global_step - back
+        row = window[(step - 1) % rows]
+        bad = [f"{k}={v}" for k, v in zip(_LOSS_TERMS, row.tolist()) if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {step}: {', '.join(bad)}. "
+                "The run stopped; the last good checkpoint is kept. Lower the learning rate, check the data, "
+                "or try --mixed_precision no.")
+
+
+def _epoch_line(record: Dict[str, Any], progress: Progress) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    for k in ("nil_all", "nil_hard", "nbod_all", "nbod_hard", "ce", "con"):
+        if f"train_{k}" in record:
+            parts.append(f"{k} {record[f'train_{k}']:.4f}")
+    if "val_top1" in record:
+        parts.append(f"val {record['val_top1']:.2f} (best {progress.best_metric:.2f} @ {progress.best_epoch})")
+    parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s", f"{record['time_s']:.1f}s"]
+    return " | ".join(parts)
+
+
+def _flat_config(cfg: RunConfig) -> Dict[str, Any]:
+    out = {}
+    for section, values in config_to_dict(cfg).items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        else:
+            out[section] = values if isinstance(values, (int, float, str, bool)) else str(values)
+    return out
+
+
+def _command(argv: Optional[List[str]]) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python recipes/train.py", *args]).strip()
+
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, overrides: Optional[Dict[str, str]] = None,
+                 batch_size: Optional[int] = None) -> Dict[str, Any]:
+    """Evaluate a training output folder (its best/ model) or an export folder on any split.
+
+    The data are rebuilt from the run's saved configuration (the same seeded long-tailed split and
+    validation hold-out), overridable with ``overrides`` (``{"data.dataset": ...}``); the class counts
+    are those saved with the run (the counts the model was trained on).
+    """
+    from accelerate import Accelerator
+
+    from . import evaluate as E
+    from . import hub
+    from . import transforms as T
+    from .config import apply_overrides, config_from_dict, load_config
+
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "best").is_dir():
+        cfg, model_dir = load_config(path / "config.yaml"), path / "best"
+    elif (path / "config.json").is_file():
+        model_dir = path
+        saved = path / "training_config.yaml"
+        cfg = config_from_dict(__import__("yaml").safe_load(saved.read_text())) if saved.is_file() else RunConfig()
+    else:
+        raise ConfigError(f"{path} is neither a training output folder (config.yaml + best/) nor an export "
+                          "folder (config.json)")
+    if overrides:
+        apply_overrides(cfg, overrides, from_cli=True, source="command line")
+    info = json.loads((model_dir / "config.json").read_text())
+    ncl_info = info.get("ncl", {})
+    model = hub.load_model(f"local-dir:{model_dir}")
+    data = build_data(cfg)
+    counts = ncl_info.get("class_counts") or data.class_counts
+    run_info = path / "run_info.json"
+    selected = json.loads(run_info.read_text())["selected_expert"] if run_info.is_file() else None
+    if model.num_experts == 1:
+        selected = 0
+    accelerator = Accelerator()
+    model.to(accelerator.device)
+    eval_tf = T.eval_transform(model.pretrained_cfg)
+    available = {"train": data.train, "val": data.val, "test": data.test}
+    splits = list(splits or ["test"])
+    predictions = {}
+    for name in splits:
+        ds = available.get(name)
+        if ds is None:
+            have = [k for k, v in available.items() if v is not None]
+            raise ConfigError(f"split {name!r} is not available; have {have}")
+        loader = torch.utils.data.DataLoader(
+            T.TransformedImageDataset(ds, eval_tf, on_decode_error=cfg.data.on_decode_error),
+            batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+        predictions[name] = E.predict(model, accelerator.prepare(loader), accelerator)
+    metrics = E.evaluate_predictions(predictions, counts, selected_expert=selected)
+    out = Path(out_dir) if out_dir else path / f"eval_{'_'.join(splits)}"
+    if accelerator.is_main_process:
+        E.write_report(metrics, out, title=f"NCL evaluation of {path.name}")
+        accelerator.print(E.format_summary(metrics, title=f"NCL evaluation of {path.name}"))
+        accelerator.print(f"wrote {out}")
+    return metrics
