@@ -9,8 +9,8 @@ The compute floor, measured in the same process: K x (one plain training step of
 linear head, cross-entropy and the same SGD) + K x (one no-grad forward of the trunk) when MoCo is on.
 
 Each setting and mode runs in its own subprocess so that peak memory is its own:
-CPU: growth of the peak resident set size (VmHWM, reset after set-up) during the training steps;
-GPU: torch.cuda.max_memory_allocated.
+CPU: growth of the peak resident set size (VmHWM, reset once the model, optimizer and data exist) over all
+the training steps, the first (compiling) one included; GPU: torch.cuda.max_memory_allocated.
 
     python benchmarks/train_step.py                      # the CPU settings, eager and compiled
     python benchmarks/train_step.py --device cuda        # adds batch 256 and ncl_resnet50_imagenetlt at 224 px
@@ -84,14 +84,32 @@ def _time(fn, steps: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
-def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
+def _build(setting: dict, mode: str, device: str, accelerator):
     import torch
-    import timm
-    from accelerate import Accelerator
 
     import ncl_hub
     from ncl_hub.losses import NCLLoss
     from ncl_hub.training import StepRunner, TrainStep
+
+    K, C = setting["num_experts"], setting["num_classes"]
+    model = ncl_hub.create_model(setting["backbone"], num_classes=C, num_experts=K,
+                                 classifier=setting["classifier"], moco=setting["moco"]).to(device)
+    counts = [max(1, int(500 * 100 ** (-i / (C - 1)))) for i in range(C)]
+    criterion = NCLLoss(counts, validate_targets=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True, weight_decay=2e-4)
+    step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
+    step_module.train()
+    return StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16"))
+
+
+def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
+    """Phase 1: memory and first-step time of ``mode`` alone. Phase 2: interleaved timing rounds of the
+    ``mode`` step, (for compiled modes) an eager twin, and the compute floor, so that the machine's drift
+    hits all of them alike; ratios are medians of per-round ratios."""
+    import torch
+    import timm
+    from accelerate import Accelerator
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -99,54 +117,65 @@ def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, thre
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     K, C, B, S = setting["num_experts"], setting["num_classes"], setting["batch"], setting["size"]
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if mode == "bf16" else "no")
-    model = ncl_hub.create_model(setting["backbone"], num_classes=C, num_experts=K,
-                                 classifier=setting["classifier"], moco=setting["moco"])
-    counts = [max(1, int(500 * 100 ** (-i / (C - 1)))) for i in range(C)]
-    criterion = NCLLoss(counts, validate_targets=False)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                nesterov=True, weight_decay=2e-4)
-    step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
-    runner = StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16"))
+    runner = _build(setting, mode, device, accelerator)
     x = torch.randn(B, 3, S, S, device=dev)
     x_key = torch.randn(B, 3, S, S, device=dev) if setting["moco"] else None
     y = torch.randint(C, (B,), device=dev)
-    step_module.train()
+    # phase 1: memory (the step under test only)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _reset_peak_rss()
     rss0 = _rss_mib()
-    t_compile = time.perf_counter()
-    runner(x, y, x_key)
-    first_step_s = time.perf_counter() - t_compile
-    step_s = _time(lambda: runner(x, y, x_key), steps, warmup, sync)
+    t0 = time.perf_counter()
+    runner(x, y, x_key)  # the first step: compilation when compiled
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup + 3):
+        runner(x, y, x_key)
+    sync()
     if device == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = max(0.0, _peak_rss_mib() - rss0)  # growth of the peak RSS during training steps
-    result = dict(setting=setting["name"], mode=mode, device=device, batch=B, threads=threads,
-                  step_ms=round(step_s * 1e3, 2), images_per_s=round(B / step_s, 1),
-                  peak_memory_mib=round(peak_mib, 1), first_step_s=round(first_step_s, 2))
-    if mode == "eager":
-        # the compute floor: K plain trunk training steps + K no-grad trunk forwards (MoCo key encoders)
-        trunk = timm.create_model(setting["backbone"], num_classes=C).to(dev).train()
-        opt = torch.optim.SGD(trunk.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    else:  # peak RSS growth over the training steps (the first included) above the set-up's memory
+        peak_mib = max(0.0, _peak_rss_mib() - rss0)
 
-        def plain_step():
+    # phase 2: interleaved timing
+    trunk = timm.create_model(setting["backbone"], num_classes=C).to(dev).train()
+    opt = torch.optim.SGD(trunk.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4)
+
+    def floor_step():  # K plain trunk training steps + K no-grad trunk forwards (the MoCo key encoders)
+        for _ in range(K):
             loss = torch.nn.functional.cross_entropy(trunk(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-        plain = _time(plain_step, steps, warmup, sync)
-        fwd = 0.0
-        if setting["moco"]:
-            def key_forward():
-                with torch.no_grad():
+        if x_key is not None:
+            with torch.no_grad():
+                for _ in range(K):
                     trunk.forward_head(trunk.forward_features(x_key), pre_logits=True)
-            fwd = _time(key_forward, steps, warmup, sync)
-        floor = K * plain + K * fwd
-        result.update(floor_ms=round(floor * 1e3, 2), floor_images_per_s=round(B / floor, 1),
-                      step_over_floor=round(step_s / floor, 3))
+
+    timed = {"step": lambda: runner(x, y, x_key), "floor": floor_step}
+    if mode != "eager":
+        eager = _build(setting, "eager", device, accelerator)
+        timed["eager"] = lambda: eager(x, y, x_key)
+    for fn in timed.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in timed}
+    for _ in range(steps):
+        for k, fn in timed.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)  # noqa: E731
+    result = dict(setting=setting["name"], mode=mode, device=device, batch=B, threads=threads,
+                  step_ms=round(med["step"] * 1e3, 2), images_per_s=round(B / med["step"], 1),
+                  floor_ms=round(med["floor"] * 1e3, 2), floor_images_per_s=round(B / med["floor"], 1),
+                  step_over_floor=ratio("step", "floor"), peak_memory_mib=round(peak_mib, 1),
+                  first_step_s=round(first_step_s, 2))
+    if "eager" in med:
+        result.update(eager_images_per_s=round(B / med["eager"], 1), speedup_over_eager=ratio("eager", "step"))
     return result
 
 
@@ -180,16 +209,13 @@ def main(argv=None) -> list:
             row = json.loads(line[7:])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    eager = {r["setting"]: r for r in rows if r["mode"] == "eager"}
     print()
-    print(f"{'setting':<34} {'mode':<9} {'img/s':>8} {'step ms':>9} {'floor ms':>9} {'step/floor':>10} "
+    print(f"{'setting':<34} {'mode':<9} {'img/s':>8} {'floor img/s':>11} {'step/floor':>10} {'vs eager':>9} "
           f"{'peak MiB':>9} {'1st step s':>10}")
     for r in rows:
-        floor = eager.get(r["setting"], {}).get("floor_ms")
-        ratio = f"{r['step_ms'] / floor:.3f}" if floor else "-"
-        floor_s = f"{floor:.1f}" if floor else "-"
-        print(f"{r['setting']:<34} {r['mode']:<9} {r['images_per_s']:>8.1f} {r['step_ms']:>9.1f} {floor_s:>9} "
-              f"{ratio:>10} {r['peak_memory_mib']:>9.1f} {r['first_step_s']:>10.1f}")
+        print(f"{r['setting']:<34} {r['mode']:<9} {r['images_per_s']:>8.1f} {r['floor_images_per_s']:>11.1f} "
+              f"{r['step_over_floor']:>10.3f} {r.get('speedup_over_eager', 1.0):>8.3f}x {r['peak_memory_mib']:>9.1f} "
+              f"{r['first_step_s']:>10.1f}")
     return rows
 
 

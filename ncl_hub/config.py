@@ -114,7 +114,9 @@ class RunConfig:
     output_dir: str = _f("outputs/digits_demo", "run folder: config, checkpoints, best model, evaluation, exports")
     mixed_precision: str = _f("no", "no | fp16 | bf16 (Accelerate autocast; losses stay float32)")
     grad_accum: int = _f(1, "gradient accumulation steps (batch_size and lr are those of one optimizer step)")
-    compile: bool = _f(False, "torch.compile the training forward and loss")
+    compile: Optional[bool] = _f(None, "torch.compile the training forward and loss: true | false | null = auto "
+                                       "(compile when the run has >= 2000 optimizer steps: the first step compiles "
+                                       "for minutes on a CPU, then each step is faster)")
     deterministic: bool = _f(False, "torch deterministic algorithms (exact resume on CPU)")
     log_with: Optional[str] = _f(None, "Accelerate tracker: tensorboard | wandb | ... (null = none)")
     log_every: int = _f(20, "optimizer steps between progress-bar and tracker updates")

@@ -42,6 +42,9 @@ __all__ = ["train", "build_data", "build_model", "build_criterion", "lr_factor",
 
 _logger = logging.getLogger(__name__)
 _BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
+# compile=null (auto) compiles runs at least this long: on 2 CPU cores the ResNet-32 x 3 + MoCo step compiles in
+# about 4 minutes (cold cache) and then runs about 1.5x faster (benchmarks/train_step.py, docs/performance.md)
+COMPILE_MIN_STEPS = 2000
 _LOSS_TERMS = ("loss", "nil_all", "nil_hard", "nbod_all", "nbod_hard", "ce", "con")
 
 
@@ -518,8 +521,12 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     unwrapped: NCLModel = _unwrap(step_module).model
-    run_step = StepRunner(accelerator, step_module, optimizer, scheduler, compile=cfg.compile,
+    use_compile = cfg.compile if cfg.compile is not None else steps_per_epoch * cfg.epochs >= COMPILE_MIN_STEPS
+    run_step = StepRunner(accelerator, step_module, optimizer, scheduler, compile=use_compile,
                           clip_grad_norm=cfg.optim.clip_grad_norm)
+    accelerator.print(f"step: {'torch.compile' if use_compile else 'eager'} ({steps_per_epoch} optimizer steps per "
+                      f"epoch of {cfg.data.batch_size} images, {accelerator.num_processes} process(es), "
+                      f"{accelerator.mixed_precision} mixed precision)")
 
     if cfg.resume:
         ckpt = find_checkpoint(output_dir, cfg.resume)
