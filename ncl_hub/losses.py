@@ -184,7 +184,8 @@ def nbod_loss(log_probs: torch.Tensor, normalization: Literal["pairs", "experts"
     support = torch.isfinite(log_probs)
     logp = log_probs.masked_fill(~support, 0.0)
     p = logp.exp() * support
-    total = (p * (num_experts * logp - logp.sum(0, keepdim=True))).sum(-1)  # [K, B]
+    # sum_q KL(p_k || p_q) per (k, b); >= 0 in exact arithmetic, clamped against rounding
+    total = (p * (num_experts * logp - logp.sum(0, keepdim=True))).sum(-1).clamp_min(0.0)  # [K, B]
     denom = num_experts * (num_experts - 1) if normalization == "pairs" else num_experts - 1
     return total.sum(0).mean() / denom
 

@@ -125,7 +125,19 @@ def _check_labels(dataset, num_classes: int, split: str) -> None:
 
 
 def build_data(cfg: RunConfig) -> DataBundle:
-    """Load the dataset, make the train split long-tailed, hold out a balanced validation split."""
+    """Load the dataset, make the train split long-tailed, hold out a balanced validation split.
+
+    Every problem with the input (a missing path, no image or label column, bad labels, an empty class)
+    is raised as a ConfigError naming it, before any training."""
+    try:
+        return _build_data(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data: {e}") from e
+
+
+def _build_data(cfg: RunConfig) -> DataBundle:
     from . import data as D
 
     dc = cfg.data
@@ -200,7 +212,17 @@ class EpochSeededDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------- model
 def build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str]] = None) -> NCLModel:
-    """The NCL model of ``cfg.model`` for ``num_classes`` (with the MoCo branch when enabled)."""
+    """The NCL model of ``cfg.model`` for ``num_classes`` (with the MoCo branch when enabled), initialised
+    from ``cfg.init_from`` when given. Problems (unknown backbone, a mismatched checkpoint) are ConfigErrors."""
+    try:
+        return _build_model(cfg, num_classes, class_names)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model: {e}") from e
+
+
+def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str]] = None) -> NCLModel:
     import timm
 
     mc = cfg.model
@@ -219,12 +241,9 @@ def build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str
         model = timm.create_model(mc.name, num_classes=num_classes, num_experts=mc.num_experts, moco=moco,
                                   pretrained_backbone=mc.pretrained_backbone, **mc.backbone_kwargs)
     else:
-        try:
-            model = create_model(mc.backbone, num_classes=num_classes, num_experts=mc.num_experts,
-                                 classifier=mc.classifier, cosine_scale=mc.cosine_scale, moco=moco,
-                                 pretrained_backbone=mc.pretrained_backbone, **mc.backbone_kwargs)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        model = create_model(mc.backbone, num_classes=num_classes, num_experts=mc.num_experts,
+                             classifier=mc.classifier, cosine_scale=mc.cosine_scale, moco=moco,
+                             pretrained_backbone=mc.pretrained_backbone, **mc.backbone_kwargs)
     if class_names is not None:
         model.pretrained_cfg = dict(model.pretrained_cfg, label_names=tuple(class_names))
     if cfg.init_from:
@@ -260,7 +279,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
 # ---------------------------------------------------------------------------------------------- checkpoints
 @dataclass
 class Progress:
-    """Where the run is; saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
+    """Where the run is; saved as progress.json in every checkpoint (plain JSON: nothing is unpickled)."""
 
     epoch: int = 0  # current epoch (0-based)
     batches_done: int = 0  # micro-batches of the current epoch already trained on this process
@@ -271,11 +290,6 @@ class Progress:
     history: List[Dict[str, Any]] = field(default_factory=list)
     partial_sums: List[float] = field(default_factory=list)  # loss sums of the current epoch so far
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"json": json.dumps(self.__dict__)}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(json.loads(state["json"]))
 
 
 def _checkpoint_dirs(output_dir: Path) -> List[Path]:
@@ -291,21 +305,22 @@ def _checkpoint_dirs(output_dir: Path) -> List[Path]:
     return sorted(done, key=lambda p: json.loads((p / "progress.json").read_text())["global_step"])
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise the given folder."""
+def find_checkpoint(output_dir: Path, resume: str) -> Optional[Path]:
+    """``latest`` -> the newest complete checkpoint of ``output_dir`` (None if there is none yet: the run
+    starts from the beginning); otherwise the given folder, which must be complete."""
     if resume == "latest":
         found = _checkpoint_dirs(output_dir)
-        if not found:
-            raise ConfigError(f"--resume latest: no complete checkpoint under {output_dir / 'checkpoints'}")
-        return found[-1]
+        return found[-1] if found else None
     path = Path(resume)
     if not (path / "progress.json").is_file():
         raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no progress.json)")
     return path
 
 
-def _save_checkpoint(accelerator, output_dir: Path, progress: Progress, keep_last: int, tag: str) -> Path:
-    """accelerator.save_state into a temporary folder, then an atomic rename; prune old epoch checkpoints."""
+def _save_checkpoint(accelerator, output_dir: Path, progress: Progress, scheduler, keep_last: int, tag: str) -> Path:
+    """accelerator.save_state (model as safetensors, optimizer and RNG states) plus progress and schedule as JSON,
+    into a temporary folder, then an atomic rename: a kill during the save never damages an earlier checkpoint.
+    Prunes all but the last ``keep_last`` checkpoints."""
     root = output_dir / "checkpoints"
     final = root / tag
     tmp = root / f".tmp-{tag}"
@@ -316,7 +331,8 @@ def _save_checkpoint(accelerator, output_dir: Path, progress: Progress, keep_las
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress.__dict__))
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (tmp / "progress.json").write_text(json.dumps(progress.__dict__))  # written last: marks completeness
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -410,6 +426,19 @@ def _check_output_dir(cfg: RunConfig, output_dir: Path) -> None:
 
 def _validate(cfg: RunConfig, num_processes: int) -> int:
     """Checks that need no data; returns the per-process micro-batch size."""
+    _validate_options(cfg)
+    per_step = num_processes * cfg.grad_accum
+    if cfg.data.batch_size < per_step:
+        raise ConfigError(f"batch_size {cfg.data.batch_size} is smaller than processes x grad_accum = {per_step}: "
+                          "every process needs at least one image per micro-batch")
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(f"batch_size {cfg.data.batch_size} must be divisible by processes x grad_accum = "
+                          f"{per_step} so that the effective batch is exactly batch_size")
+    return cfg.data.batch_size // per_step
+
+
+def _validate_options(cfg: RunConfig) -> None:
+    """Option checks that need neither data nor processes (run before Accelerate starts)."""
     if cfg.epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
     if not 0 < cfg.loss.hard_ratio < 1:
@@ -424,16 +453,14 @@ def _validate(cfg: RunConfig, num_processes: int) -> int:
         raise ConfigError(f"data.on_decode_error must be raise or skip, got {cfg.data.on_decode_error!r}")
     if cfg.data.val_per_class < 0:
         raise ConfigError(f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}")
-    per_step = num_processes * cfg.grad_accum
-    if cfg.data.batch_size < per_step:
-        raise ConfigError(f"batch_size {cfg.data.batch_size} is smaller than processes x grad_accum = {per_step}: "
-                          "every process needs at least one image per micro-batch")
-    if cfg.data.batch_size % per_step:
-        raise ConfigError(f"batch_size {cfg.data.batch_size} must be divisible by processes x grad_accum = "
-                          f"{per_step} so that the effective batch is exactly batch_size")
     if cfg.moco.enabled and cfg.moco.queue_size < 1:
         raise ConfigError("moco.queue_size must be >= 1")
-    return cfg.data.batch_size // per_step
+    for name, valid in (("data.sampler", ("instance", "class", "sqrt", "progressive")),
+                        ("optim.schedule", ("multistep", "cosine")), ("loss.name", ("ncl", "bsce", "ce"))):
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in valid:
+            raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -450,6 +477,7 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     t_start = time.time()
     output_dir = Path(cfg.output_dir)
+    _validate_options(cfg)
     _check_output_dir(cfg, output_dir)
     accelerator = Accelerator(
         cpu=_cpu_multiprocess(),
@@ -519,7 +547,6 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
         lambda s: lr_factor(s, steps_per_epoch, cfg))
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
     unwrapped: NCLModel = _unwrap(step_module).model
     use_compile = cfg.compile if cfg.compile is not None else steps_per_epoch * cfg.epochs >= COMPILE_MIN_STEPS
     run_step = StepRunner(accelerator, step_module, optimizer, scheduler, compile=use_compile,
@@ -528,10 +555,16 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
                       f"epoch of {cfg.data.batch_size} images, {accelerator.num_processes} process(es), "
                       f"{accelerator.mixed_precision} mixed precision)")
 
-    if cfg.resume:
-        ckpt = find_checkpoint(output_dir, cfg.resume)
+    ckpt = find_checkpoint(output_dir, cfg.resume) if cfg.resume else None
+    if ckpt is not None:
+        # model from safetensors; optimizer and RNG states with torch.load(weights_only=True); the rest is JSON
         accelerator.load_state(str(ckpt))
+        progress.__dict__.update(json.loads((ckpt / "progress.json").read_text()))
+        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
         accelerator.print(f"resumed from {ckpt}: epoch {progress.epoch + 1}, step {progress.global_step}")
+    elif cfg.resume:
+        accelerator.print(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'} yet; starting at "
+                          "the beginning")
     if cfg.log_with:
         accelerator.init_trackers("ncl", config=_flat_config(cfg))
 
@@ -574,18 +607,25 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         (progress.global_step - 1) % log_every].tolist())} | {"lr": scheduler.get_last_lr()[0]},
                         step=progress.global_step)
             if cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0 and n_steps < steps_left:
+                _check_finite(window, progress.global_step, min(log_every, n_steps))
                 progress.partial_sums = sums.tolist()
-                _save_checkpoint(accelerator, output_dir, progress, cfg.keep_last,
+                _save_checkpoint(accelerator, output_dir, progress, scheduler, cfg.keep_last,
                                  f"epoch_{epoch:04d}_step_{progress.global_step:07d}")
             if n_steps >= steps_left:
                 break
         bar.close()
+        _check_finite(window, progress.global_step, min(log_every, n_steps))
         elapsed = time.time() - t_epoch
         epoch_steps = skip // cfg.grad_accum + n_steps
         means = {k: v for k, v in zip(_LOSS_TERMS, (sums / max(1, epoch_steps)).tolist()) if v != 0.0}
         record = {"epoch": epoch + 1, "step": progress.global_step, "lr": scheduler.get_last_lr()[0],
                   "time_s": round(elapsed, 2), "images_per_s": round(images_per_step * n_steps / max(elapsed, 1e-9), 1),
                   **{f"train_{k}": round(v, 4) for k, v in means.items()}}
+        skipped = train_set.dataset.skipped
+        if skipped:
+            record["skipped_images"] = len(skipped)
+            accelerator.print(f"warning: {len(skipped)} training image(s) could not be decoded and were skipped "
+                              f"(data.on_decode_error=skip); first indices {skipped[:10]}")
         if "val" in eval_loaders:
             logits, target = E.predict(unwrapped, eval_loaders["val"], accelerator)
             val = E.split_metrics(logits, target, data.class_counts)
@@ -603,7 +643,7 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if cfg.log_with:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=progress.global_step)
         progress.epoch, progress.batches_done, progress.partial_sums = epoch + 1, 0, []
-        _save_checkpoint(accelerator, output_dir, progress, cfg.keep_last, f"epoch_{epoch:04d}")
+        _save_checkpoint(accelerator, output_dir, progress, scheduler, cfg.keep_last, f"epoch_{epoch:04d}")
 
     # final: the best model on every evaluation split, then exports
     accelerator.wait_for_everyone()
@@ -624,9 +664,9 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "imbalance_factor": cfg.data.imbalance_factor, "command": _command(argv),
             "best_epoch": progress.best_epoch, "selected_expert": selected, "epochs": cfg.epochs,
             "wall_time_s": round(time.time() - t_start, 1), "num_processes": accelerator.num_processes,
-            "history": progress.history,
+            "history": progress.history, "skipped_train_images": train_set.dataset.skipped,
         }
-        (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        _write_json_atomic(output_dir / "run_info.json", run_info)
         common = dict(metrics=metrics, config=config_to_dict(cfg), class_names=data.class_names,
                       class_counts=data.class_counts, plots_dir=output_dir / "eval", command=run_info["command"],
                       run_info=run_info)
@@ -642,6 +682,12 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _cpu_multiprocess() -> bool:

@@ -21,3 +21,53 @@ def cifar10_dir() -> Path:
     if not (CIFAR10_DIR / "train.parquet").exists():
         pytest.skip(f"shared CIFAR-10 parquet not found at {CIFAR10_DIR}")
     return CIFAR10_DIR
+
+
+# a CPU-sized training command line for the recipe tests
+TINY = ["--model.backbone", "resnet8_cifar_tiny", "--data.batch_size", "8", "--data.eval_batch_size", "16",
+        "--data.num_workers", "0", "--data.val_per_class", "2", "--optim.warmup_epochs", "0", "--log_every", "2"]
+
+
+def make_tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, seed=0, corrupt_index=None,
+                      columns=("image", "label")) -> Path:
+    """A long-tailed 4-class image dataset written with save_to_disk (a DatasetDict folder).
+
+    ``corrupt_index``: the train image at that index is replaced by bytes that are not an image.
+    ``columns``: names of the image and label columns.
+    """
+    import datasets
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = ["red", "green", "blue", "gray"]
+
+    def rows(counts, corrupt=None):
+        images, labels = [], []
+        for c, n in enumerate(counts):
+            for _ in range(n):
+                base = np.zeros((32, 32, 3), np.uint8)
+                base[..., c % 3] = 160 if c < 3 else 90
+                noise = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(base + noise).save(buf, format="PNG")
+                images.append({"bytes": buf.getvalue(), "path": None})
+                labels.append(c)
+        if corrupt is not None:
+            images[corrupt] = {"bytes": b"this is not an image", "path": None}
+        return {columns[0]: images, columns[1]: labels}
+
+    features = datasets.Features({columns[0]: datasets.Image(), columns[1]: datasets.ClassLabel(names=names)})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(rows(per_class, corrupt_index), features=features),
+        "test": datasets.Dataset.from_dict(rows([test_per_class] * 4), features=features),
+    })
+    dd.save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")

@@ -6,11 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,38 +18,7 @@ import evaluate as evaluate_recipe  # noqa: E402
 
 from ncl_hub.config import ConfigError  # noqa: E402
 
-TINY = ["--model.backbone", "resnet8_cifar_tiny", "--data.batch_size", "8", "--data.eval_batch_size", "16",
-        "--data.num_workers", "0", "--data.val_per_class", "2", "--optim.warmup_epochs", "0", "--log_every", "2"]
-
-
-def _tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, seed=0) -> Path:
-    """A long-tailed 4-class image dataset written with save_to_disk (a DatasetDict folder)."""
-    rng = np.random.default_rng(seed)
-    names = ["red", "green", "blue", "gray"]
-
-    def rows(counts):
-        images, labels = [], []
-        for c, n in enumerate(counts):
-            for _ in range(n):
-                base = np.zeros((32, 32, 3), np.uint8)
-                base[..., c % 3] = 160 if c < 3 else 90
-                noise = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-                images.append(Image.fromarray(base + noise))
-                labels.append(c)
-        return {"image": images, "label": labels}
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(rows(per_class), features=features),
-        "test": datasets.Dataset.from_dict(rows([test_per_class] * 4), features=features),
-    })
-    dd.save_to_disk(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+from conftest import TINY  # noqa: E402
 
 
 def test_recipe_end_to_end_on_tiny_dataset(tiny_data, tmp_path):
@@ -142,6 +108,10 @@ def test_two_process_cpu_run_shares_moco_keys(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads((out / "run_info.json").read_text())
     assert info["num_processes"] == 2
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    # computed once over each whole split: the padding that evens out the last batch is dropped
+    assert metrics["splits"]["test"]["num_samples"] == 12 and metrics["splits"]["val"]["num_samples"] == 7
+    assert proc.stdout.count("wrote ") == 1  # exports written by the main process only
     ckpt = load_file(out / "checkpoints" / "epoch_0000" / "model.safetensors")
     steps = json.loads((out / "checkpoints" / "epoch_0000" / "progress.json").read_text())["global_step"]
     # each step enqueued the keys of both processes (2 x 4 images), not only the local 4
