@@ -464,6 +464,18 @@ def _validate_options(cfg: RunConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _reset_accelerator_state() -> None:
+    """Let one Python process run ``train`` several times (a notebook, the test suite) with different precision.
+
+    Accelerate keeps its state in a process-wide singleton that refuses a second ``mixed_precision``; each run
+    starts from a clean ``AcceleratorState``. The process group (``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train, select on validation, evaluate and export. Returns the final metrics and paths."""
     from accelerate import Accelerator
@@ -479,6 +491,7 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     _validate_options(cfg)
     _check_output_dir(cfg, output_dir)
+    _reset_accelerator_state()
     accelerator = Accelerator(
         cpu=_cpu_multiprocess(),
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with,
@@ -490,6 +503,9 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     set_seed(cfg.seed)
 
     data = build_data(cfg)
+    if len(data.train) < cfg.data.batch_size:
+        raise ConfigError(f"the training split ({len(data.train)} images) is smaller than one batch "
+                          f"({cfg.data.batch_size}); lower --data.batch_size")
     model = build_model(cfg, data.num_classes, data.class_names)
     criterion = build_criterion(cfg, data.class_counts)
     if cfg.overwrite and accelerator.is_main_process and not cfg.resume:
@@ -540,9 +556,6 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"the training split ({len(data.train)} images) is smaller than one batch "
-                          f"({cfg.data.batch_size}); lower --data.batch_size")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
         lambda s: lr_factor(s, steps_per_epoch, cfg))

@@ -42,7 +42,7 @@ def make_tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, see
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    names = ["red", "green", "blue", "gray"]
+    names = ["red", "green", "blue", "gray", "dark", "light"][: len(per_class)]
 
     def rows(counts, corrupt=None):
         images, labels = [], []
@@ -62,7 +62,7 @@ def make_tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, see
     features = datasets.Features({columns[0]: datasets.Image(), columns[1]: datasets.ClassLabel(names=names)})
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(rows(per_class, corrupt_index), features=features),
-        "test": datasets.Dataset.from_dict(rows([test_per_class] * 4), features=features),
+        "test": datasets.Dataset.from_dict(rows([test_per_class] * len(per_class)), features=features),
     })
     dd.save_to_disk(str(path))
     return path

@@ -560,3 +560,23 @@ def test_publish_to_real_hub(tmp_path, tiny, x32, monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(x32), tiny(x32))
     assert grep_tree(out, os.environ["HF_TOKEN"]) == []
+
+
+def test_train_push_to_hub_publishes_both_repos(tmp_path, tiny_data, local_hub, upload_server, monkeypatch, x32):
+    from conftest import TINY
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import train as train_recipe
+
+    point_hub_to(monkeypatch, upload_server.endpoint)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    out = tmp_path / "run"
+    result = train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--epochs", "1", "--output_dir", str(out),
+                                "--push_to_hub", "ncl-test/trained"])
+    assert result["hub"]["expert"]["repo_id"] == "ncl-test/trained-expert"
+    point_hub_to(monkeypatch, local_hub.endpoint)
+    expert = timm.create_model("hf-hub:ncl-test/trained-expert", pretrained=True, cache_dir=tmp_path / "c").eval()
+    local = timm.create_model(f"local-dir:{out / 'export' / 'expert'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(expert(x32), local(x32))
+    assert grep_tree(out, FAKE_TOKEN) == []

@@ -120,3 +120,47 @@ def test_two_process_cpu_run_shares_moco_keys(tiny_data, tmp_path):
     assert torch.allclose(queue.norm(dim=-1), torch.ones(steps * 8), atol=1e-5)
     local = queue.view(steps, 2, 4, -1)  # [step, process, image, dim]: the two processes saw other images
     assert not torch.allclose(local[:, 0], local[:, 1])
+
+
+def test_fine_tune_from_an_export_on_another_class_count(tiny_data, tmp_path):
+    src = tmp_path / "src"
+    train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--epochs", "1", "--output_dir", str(src)])
+    from conftest import make_tiny_dataset
+
+    other = make_tiny_dataset(tmp_path / "three", per_class=(9, 6, 4), test_per_class=2)
+    export = src / "export" / "ensemble"
+    out = tmp_path / "ft"
+    train_recipe.main([*TINY, "--data.dataset", str(other), "--epochs", "1", "--output_dir", str(out),
+                       "--init_from", f"local-dir:{export}", "--init_experts", "[2]", "--model.num_experts", "1",
+                       "--freeze_trunks"])
+    src_w = load_file(export / "model.safetensors")
+    ft_w = load_file(out / "export" / "ensemble" / "model.safetensors")
+    trunk = [k for k in ft_w if k.startswith("trunks.0.") and "running" not in k and "num_batches" not in k]
+    # the frozen trunk is expert 2 of the source, unchanged; the head is new, for 3 classes
+    assert trunk and all(torch.equal(ft_w[k], src_w[k.replace("trunks.0.", "trunks.2.", 1)]) for k in trunk)
+    assert ft_w["heads.0.weight"].shape[0] == 3
+    assert json.loads((out / "export" / "ensemble" / "config.json").read_text())["num_classes"] == 3
+
+
+def test_grad_accumulation_keeps_the_step_count_and_tracker_logs(tiny_data, tmp_path):
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path / f"acc{accum}"
+        runs[accum] = train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--epochs", "1", "--grad_accum",
+                                         str(accum), "--output_dir", str(out), "--log_with", "tensorboard"])
+    # batch_size is the effective batch: the same optimizer steps per epoch whatever the accumulation
+    assert runs[1]["history"][0]["step"] == runs[2]["history"][0]["step"] == 2
+    assert list((tmp_path / "acc2" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_run_trains_with_finite_losses_and_float32_weights(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    result = train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--epochs", "1", "--mixed_precision", "bf16",
+                                "--output_dir", str(out)])
+    first = result["history"][0]
+    assert all(torch.isfinite(torch.tensor(first[k])) for k in ("train_loss", "train_nil_all", "train_nbod_all"))
+    # autocast changes the compute dtype only: the master weights that are saved stay float32
+    weights = load_file(str(out / "best" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
