@@ -14,7 +14,11 @@ the training steps, the first (compiling) one included; GPU: torch.cuda.max_memo
 
     python benchmarks/train_step.py                      # the CPU settings, eager and compiled
     python benchmarks/train_step.py --device cuda        # adds batch 256 and ncl_resnet50_imagenetlt at 224 px
-    python benchmarks/train_step.py --only "resnet32_cifar/b64/moco" --modes eager
+    python benchmarks/train_step.py --only "resnet32_cifar/b64/moco" --modes eager,batched
+
+Modes: eager; compiled (torch.compile of the step, the default of long runs); bf16 (compiled under bf16 autocast);
+batched and batched_compiled (the K experts as one vmapped computation, ``model.expert_execution=batched``).
+Every mode but eager is timed against an eager twin in the same process ("vs eager").
 """
 from __future__ import annotations
 
@@ -98,9 +102,11 @@ def _build(setting: dict, mode: str, device: str, accelerator):
     criterion = NCLLoss(counts, validate_targets=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 nesterov=True, weight_decay=2e-4)
+    if mode.startswith("batched"):
+        model.set_expert_execution("batched")
     step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
     step_module.train()
-    return StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16"))
+    return StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16", "batched_compiled"))
 
 
 def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
@@ -182,7 +188,9 @@ def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, thre
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modes", default=None, help="comma list of eager, compiled, bf16 (default: eager,compiled)")
+    p.add_argument("--modes", default=None,
+                   help="comma list of eager, compiled, bf16, batched (vmapped experts, eager), batched_compiled "
+                        "(default: eager,compiled; on cuda also bf16, batched, batched_compiled)")
     p.add_argument("--only", default=None, help="run only settings whose name contains this")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
@@ -193,7 +201,8 @@ def main(argv=None) -> list:
         setting, mode = json.loads(args.child)
         print("RESULT " + json.dumps(run_one(setting, mode, args.device, args.steps, args.warmup, args.threads)))
         return []
-    modes = (args.modes or ("eager,compiled,bf16" if args.device == "cuda" else "eager,compiled")).split(",")
+    default_modes = "eager,compiled,bf16,batched,batched_compiled" if args.device == "cuda" else "eager,compiled"
+    modes = (args.modes or default_modes).split(",")
     rows = []
     for setting in settings(args.device):
         if args.only and args.only not in setting["name"]:

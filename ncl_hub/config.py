@@ -42,6 +42,8 @@ class ModelConfig:
     pretrained_backbone: bool = _f(False, "start every trunk from timm's pretrained weights for the backbone")
     backbone_kwargs: Dict[str, Any] = _f({}, "extra keyword arguments for each trunk's timm.create_model")
     grad_checkpointing: bool = _f(False, "gradient checkpointing in the trunks (less memory, more compute)")
+    expert_execution: str = _f("sequential", "sequential | batched: run the K experts as one vmapped computation "
+                                             "(grouped convolutions; for small trunks on a GPU)")
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch.nn as nn
 from .config import ConfigError, RunConfig, config_to_dict, save_config
 from .losses import NCLLoss, validate_class_counts
 from .models import MocoConfig, NCLModel, create_model
+from .models.batched import EXPERT_EXECUTION
 
 __all__ = ["train", "build_data", "build_model", "build_criterion", "lr_factor", "NonFiniteLossError",
            "find_checkpoint", "DataBundle", "ExpertCELoss"]
@@ -232,6 +233,11 @@ def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[st
                           temperature=cfg.moco.temperature, momentum=cfg.moco.momentum)
     if mc.num_experts < 1:
         raise ConfigError(f"model.num_experts must be >= 1, got {mc.num_experts}")
+    if mc.expert_execution not in EXPERT_EXECUTION:
+        raise ConfigError(f"model.expert_execution must be one of {EXPERT_EXECUTION}, got {mc.expert_execution!r}")
+    if mc.expert_execution == "batched" and mc.grad_checkpointing:
+        raise ConfigError("model.expert_execution=batched does not combine with model.grad_checkpointing; "
+                          "turn one of them off")
     if mc.name:
         if not timm.is_model(mc.name) or not mc.name.startswith("ncl"):
             from .models import PAPER_MODELS
@@ -256,6 +262,7 @@ def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[st
         hub.freeze_trunks(model)
     if mc.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    model.set_expert_execution(mc.expert_execution)
     return model
 
 

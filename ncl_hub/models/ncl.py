@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
+from .batched import EXPERT_EXECUTION, run_stacked
+
 __all__ = ["MocoConfig", "CosineClassifier", "MocoBranch", "NCLModel", "CLASSIFIERS"]
 
 CLASSIFIERS = ("linear", "cosine")
@@ -124,6 +126,7 @@ class MocoBranch(nn.Module):
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(len(trunks), cfg.queue_size, cfg.dim), dim=-1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.batched = False  # run the K key encoders and projections as one vmapped call (set by NCLModel)
 
     def _pairs(self, trunks: nn.ModuleList):
         query = list(trunks.parameters()) + list(self.query_proj.parameters())
@@ -147,13 +150,19 @@ class MocoBranch(nn.Module):
     @torch.no_grad()
     def encode_keys(self, x_key: torch.Tensor) -> torch.Tensor:
         """Second view [B, 3, H, W] -> normalised keys [K, B, dim]."""
-        keys = [proj(trunk(x_key)) for trunk, proj in zip(self.key_trunks, self.key_proj)]
-        return F.normalize(torch.stack(keys).float(), dim=-1)
+        if self.batched:
+            keys = run_stacked(self.key_proj, run_stacked(self.key_trunks, x_key), per_module_input=True)
+        else:
+            keys = torch.stack([proj(trunk(x_key)) for trunk, proj in zip(self.key_trunks, self.key_proj)])
+        return F.normalize(keys.float(), dim=-1)
 
     def project_queries(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled query features [K, B, D] -> normalised queries [K, B, dim]."""
-        q = [proj(f) for proj, f in zip(self.query_proj, features.unbind(0))]
-        return F.normalize(torch.stack(q).float(), dim=-1)
+        if self.batched:
+            q = run_stacked(self.query_proj, features, per_module_input=True)
+        else:
+            q = torch.stack([proj(f) for proj, f in zip(self.query_proj, features.unbind(0))])
+        return F.normalize(q.float(), dim=-1)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -226,6 +235,22 @@ class NCLModel(nn.Module):
         )
         self.moco_cfg = moco_cfg
         self.backbone_kwargs = dict(backbone_kwargs)
+        self.expert_execution = "sequential"
+
+    def set_expert_execution(self, mode: str) -> "NCLModel":
+        """``"sequential"`` (default): the experts run one after the other. ``"batched"``: the K trunks, heads,
+        MoCo key encoders and projections each run as one vmapped computation (grouped convolutions; for small
+        trunks on a GPU). Same outputs, gradients and buffer updates; a runtime setting, not saved with weights.
+        """
+        if mode not in EXPERT_EXECUTION:
+            raise ValueError(f"unknown expert execution {mode!r}; choose one of {EXPERT_EXECUTION}")
+        self.expert_execution = mode
+        if self.moco is not None:
+            self.moco.batched = mode == "batched"
+        return self
+
+    def _batched(self) -> bool:
+        return self.expert_execution == "batched" and self.num_experts > 1
 
     def model_args(self, include_moco: bool = False) -> Dict[str, Any]:
         """Keyword arguments that rebuild this architecture with ``timm.create_model('ncl', **args)``."""
@@ -289,12 +314,22 @@ class NCLModel(nn.Module):
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> each expert's pooled features [K, B, D]."""
+        if self._batched():
+            return run_stacked(self.trunks, x)
         return torch.stack([trunk(x) for trunk in self.trunks])
+
+    def _heads(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features [K, B, D] -> logits [K, B, C], each expert through its own head."""
+        if self._batched():
+            return run_stacked(self.heads, pooled, per_module_input=True)
+        return torch.stack([head(f) for head, f in zip(self.heads, pooled.unbind(0))])
 
     def forward_experts(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> every expert's logits [K, B, C]."""
         if self.num_classes == 0:
             raise RuntimeError("this model has no classifier (num_classes=0); use forward_pooled")
+        if self._batched():
+            return self._heads(self.forward_pooled(x))
         return torch.stack([head(trunk(x)) for trunk, head in zip(self.trunks, self.heads)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +354,7 @@ class NCLModel(nn.Module):
             (no copy: it is large): enqueue the new keys only after the backward pass.
         """
         pooled = self.forward_pooled(x)
-        out = {"logits": torch.stack([head(f) for head, f in zip(self.heads, pooled.unbind(0))])}
+        out = {"logits": self._heads(pooled)}
         if self.moco is not None and x_key is not None:
             out["query"] = self.moco.project_queries(pooled)
             out["key"] = self.moco.encode_keys(x_key)
