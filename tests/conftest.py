@@ -13,13 +13,14 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10_DIR = REPO.parent / "shared" / "data" / "cifar10"
+# the real CIFAR-10 parquet: ../shared/data/cifar10 next to the repository, or wherever NCL_HUB_CIFAR10_DIR says
+CIFAR10_DIR = Path(os.environ.get("NCL_HUB_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10"))
 
 
 @pytest.fixture
 def cifar10_dir() -> Path:
     if not (CIFAR10_DIR / "train.parquet").exists():
-        pytest.skip(f"shared CIFAR-10 parquet not found at {CIFAR10_DIR}")
+        pytest.skip(f"shared CIFAR-10 parquet not found at {CIFAR10_DIR} (set NCL_HUB_CIFAR10_DIR to its folder)")
     return CIFAR10_DIR
 
 
