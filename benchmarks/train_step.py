@@ -16,7 +16,8 @@ the training steps, the first (compiling) one included; GPU: torch.cuda.max_memo
     python benchmarks/train_step.py --device cuda        # adds batch 256 and ncl_resnet50_imagenetlt at 224 px
     python benchmarks/train_step.py --only "resnet32_cifar/b64/moco" --modes eager,batched
 
-Modes: eager; compiled (torch.compile of the step, the default of long runs); bf16 (compiled under bf16 autocast);
+Modes: eager; compiled (torch.compile of each trunk, what long runs of recipes/train.py use); compiled_step (the
+whole forward + loss as one compiled graph); bf16 (compiled trunks under bf16 autocast);
 batched and batched_compiled (the K experts as one vmapped computation, ``model.expert_execution=batched``).
 Every mode but eager is timed against an eager twin in the same process ("vs eager").
 """
@@ -106,7 +107,8 @@ def _build(setting: dict, mode: str, device: str, accelerator):
         model.set_expert_execution("batched")
     step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
     step_module.train()
-    return StepRunner(accelerator, step_module, optimizer, compile=mode in ("compiled", "bf16", "batched_compiled"))
+    return StepRunner(accelerator, step_module, optimizer, compile=mode != "eager" and mode != "batched",
+                      compile_scope="step" if mode == "compiled_step" else "trunks")
 
 
 def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
@@ -189,7 +191,8 @@ def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--modes", default=None,
-                   help="comma list of eager, compiled, bf16, batched (vmapped experts, eager), batched_compiled "
+                   help="comma list of eager, compiled, compiled_step, bf16, batched (vmapped experts, eager), "
+                        "batched_compiled "
                         "(default: eager,compiled; on cuda also bf16, batched, batched_compiled)")
     p.add_argument("--only", default=None, help="run only settings whose name contains this")
     p.add_argument("--steps", type=int, default=15)

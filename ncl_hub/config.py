@@ -116,7 +116,7 @@ class RunConfig:
     output_dir: str = _f("outputs/digits_demo", "run folder: config, checkpoints, best model, evaluation, exports")
     mixed_precision: str = _f("no", "no | fp16 | bf16 (Accelerate autocast; losses stay float32)")
     grad_accum: int = _f(1, "gradient accumulation steps (batch_size and lr are those of one optimizer step)")
-    compile: Optional[bool] = _f(None, "torch.compile the training forward and loss: true | false | null = auto "
+    compile: Optional[bool] = _f(None, "torch.compile each expert's trunk for training: true | false | null = auto "
                                        "(compile when the run has >= 2000 optimizer steps: the first step compiles "
                                        "for minutes on a CPU, then each step is faster)")
     deterministic: bool = _f(False, "torch deterministic algorithms (exact resume on CPU)")

@@ -43,9 +43,11 @@ __all__ = ["train", "build_data", "build_model", "build_criterion", "lr_factor",
 
 _logger = logging.getLogger(__name__)
 _BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
-# compile=null (auto) compiles runs at least this long: on 2 CPU cores the ResNet-32 x 3 + MoCo step compiles in
-# about 4 minutes (cold cache) and then runs about 1.5x faster (benchmarks/train_step.py, docs/performance.md)
+# compile=null (auto) compiles runs at least this long: on 2 CPU cores the ResNet-32 x 3 + MoCo trunks compile in
+# about 2 minutes (cold cache) and then the step runs about 1.5x faster (benchmarks/train_step.py,
+# docs/performance.md)
 COMPILE_MIN_STEPS = 2000
+COMPILE_SCOPES = ("trunks", "step")
 _LOSS_TERMS = ("loss", "nil_all", "nil_hard", "nbod_all", "nbod_hard", "ce", "con")
 
 
@@ -359,10 +361,22 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
         self.criterion = criterion
+        # compiled stand-ins for the trunks (plain lists: not registered, so state dicts and exports are unchanged)
+        self._trunk_fns: Optional[list] = None
+        self._key_trunk_fns: Optional[list] = None
+
+    def compile_trunks(self) -> None:
+        """``torch.compile`` each query and key trunk for the training forward (heads, projections and losses
+        stay eager). The trunks hold nearly all the compute, and compiling them one by one keeps the compiler's
+        memory at one trunk's graph instead of the whole step's (docs/performance.md). The modules themselves
+        are untouched: evaluation and exports use them as they are."""
+        self._trunk_fns = [torch.compile(t) for t in self.model.trunks]
+        if self.model.moco is not None:
+            self._key_trunk_fns = [torch.compile(t) for t in self.model.moco.key_trunks]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None,
                 anchor: Optional[torch.Tensor] = None):
-        out = self.model.forward_train(x, x_key)
+        out = self.model.forward_train(x, x_key, trunks=self._trunk_fns, key_trunks=self._key_trunk_fns)
         losses = self.criterion(out["logits"], target, out.get("query"), out.get("key"), out.get("queue"),
                                 anchor=anchor)
         return losses, out.get("key")
@@ -380,12 +394,15 @@ class StepRunner:
         step_module: the prepared :class:`TrainStep`.
         optimizer: the prepared optimizer.
         scheduler: an LR scheduler stepped once per optimizer step (or None).
-        compile: wrap the forward in ``torch.compile``.
+        compile: ``torch.compile`` the training forward. ``compile_scope="trunks"`` (default) compiles each
+            trunk and key trunk on its own; ``"step"`` compiles the whole forward and loss as one graph (the
+            same speed on a CPU, but the compiler's peak memory grows with K; batched expert execution always
+            uses ``"step"``).
         clip_grad_norm: optional gradient-norm clipping.
     """
 
     def __init__(self, accelerator, step_module: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
-                 clip_grad_norm: Optional[float] = None):
+                 compile_scope: str = "trunks", clip_grad_norm: Optional[float] = None):
         self.accelerator = accelerator
         self.step_module = step_module
         self.optimizer = optimizer
@@ -395,7 +412,13 @@ class StepRunner:
         self.model: NCLModel = inner.model
         self.random_anchor = getattr(inner.criterion, "anchor", 0) is None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.forward = torch.compile(step_module) if compile else step_module
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        self.forward = step_module
+        if compile and (compile_scope == "step" or self.model.expert_execution == "batched"):
+            self.forward = torch.compile(step_module)
+        elif compile:
+            inner.compile_trunks()
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None):
         """Returns (loss terms dict, whether an optimizer step happened)."""

@@ -10,7 +10,8 @@ from ncl_hub.training import StepRunner, TrainStep
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("scope", ["trunks", "step"])
+def test_compiled_step_matches_eager(scope):
     from accelerate import Accelerator
 
     torch.manual_seed(0)
@@ -23,7 +24,7 @@ def test_compiled_step_matches_eager():
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-4)
         step = TrainStep(m, NCLLoss(counts, validate_targets=False))
-        runners.append(StepRunner(accelerator, step, opt, compile=compile))
+        runners.append(StepRunner(accelerator, step, opt, compile=compile, compile_scope=scope))
         models.append(m)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -39,3 +40,5 @@ def test_compiled_step_matches_eager():
     worst = max(((eager[k].float() - compiled[k].float()).abs().max().item(), k) for k in eager)
     print("max abs weight difference", worst)
     assert worst[0] < 1e-4, worst
+    # compilation leaves the model's modules, state dict and exports as they were
+    assert set(models[1].state_dict()) == set(model.state_dict())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
@@ -148,12 +148,14 @@ class MocoBranch(nn.Module):
         torch._foreach_add_(key, query, alpha=1.0 - m)
 
     @torch.no_grad()
-    def encode_keys(self, x_key: torch.Tensor) -> torch.Tensor:
-        """Second view [B, 3, H, W] -> normalised keys [K, B, dim]."""
+    def encode_keys(self, x_key: torch.Tensor, key_trunks: Optional[Sequence[Callable]] = None) -> torch.Tensor:
+        """Second view [B, 3, H, W] -> normalised keys [K, B, dim]. ``key_trunks``: callables standing in for
+        the key trunks (their compiled versions), or None."""
         if self.batched:
             keys = run_stacked(self.key_proj, run_stacked(self.key_trunks, x_key), per_module_input=True)
         else:
-            keys = torch.stack([proj(trunk(x_key)) for trunk, proj in zip(self.key_trunks, self.key_proj)])
+            trunks = key_trunks if key_trunks is not None else self.key_trunks
+            keys = torch.stack([proj(trunk(x_key)) for trunk, proj in zip(trunks, self.key_proj)])
         return F.normalize(keys.float(), dim=-1)
 
     def project_queries(self, features: torch.Tensor) -> torch.Tensor:
@@ -312,11 +314,12 @@ class NCLModel(nn.Module):
             return torch.cat(pooled, dim=-1)
         return torch.stack([head(f) for head, f in zip(self.heads, pooled)]).mean(0)
 
-    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> each expert's pooled features [K, B, D]."""
+    def forward_pooled(self, x: torch.Tensor, trunks: Optional[Sequence[Callable]] = None) -> torch.Tensor:
+        """[B, 3, H, W] -> each expert's pooled features [K, B, D]. ``trunks``: callables standing in for the
+        trunks (their compiled versions), or None."""
         if self._batched():
             return run_stacked(self.trunks, x)
-        return torch.stack([trunk(x) for trunk in self.trunks])
+        return torch.stack([trunk(x) for trunk in (trunks if trunks is not None else self.trunks)])
 
     def _heads(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features [K, B, D] -> logits [K, B, C], each expert through its own head."""
@@ -341,23 +344,27 @@ class NCLModel(nn.Module):
         return self.forward_experts(x).mean(0)
 
     # ------------------------------------------------------------------ training
-    def forward_train(self, x: torch.Tensor, x_key: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward_train(self, x: torch.Tensor, x_key: Optional[torch.Tensor] = None, *,
+                      trunks: Optional[Sequence[Callable]] = None,
+                      key_trunks: Optional[Sequence[Callable]] = None) -> Dict[str, torch.Tensor]:
         """Training forward: expert logits and, with MoCo and a key view, the contrastive inputs.
 
         Args:
             x: query view [B, 3, H, W].
             x_key: second augmented view [B, 3, H, W] for the key encoders (MoCo only).
+            trunks, key_trunks: callables used in place of the query / key trunks (``torch.compile`` of each,
+                see ``training.TrainStep.compile_trunks``); None runs the modules themselves.
 
         Returns:
             dict with ``logits`` [K, B, C]; with MoCo and ``x_key``: ``query`` [K, B, dim],
             ``key`` [K, B, dim] (no gradient) and ``queue`` [K, N, dim]. ``queue`` is the buffer itself
             (no copy: it is large): enqueue the new keys only after the backward pass.
         """
-        pooled = self.forward_pooled(x)
+        pooled = self.forward_pooled(x, trunks)
         out = {"logits": self._heads(pooled)}
         if self.moco is not None and x_key is not None:
             out["query"] = self.moco.project_queries(pooled)
-            out["key"] = self.moco.encode_keys(x_key)
+            out["key"] = self.moco.encode_keys(x_key, key_trunks)
             out["queue"] = self.moco.queue
         return out
 
