@@ -258,8 +258,8 @@ def predict(model: nn.Module, dataloader: Any, accelerator: Any = None) -> Tuple
     if net is not model:
         modes += [(module, module.training) for module in net.modules()]
     device = accelerator.device if accelerator is not None else _module_device(net)
-    model.eval()
-    net.eval()
+    model.train(False)
+    net.train(False)
     all_logits: List[torch.Tensor] = []
     all_labels: List[torch.Tensor] = []
     try:

@@ -733,8 +733,8 @@ def export_timm(
 
     src_cfg = _ncl_pretrained_cfg(model)
     was_training = model.training
-    model.eval()
-    plain.eval()
+    model.train(False)
+    plain.train(False)
     try:
         with torch.no_grad():
             x = _expert_input(plain, src_cfg["input_size"])
@@ -992,7 +992,7 @@ def freeze_trunks(model: NCLModel) -> NCLModel:
     """Stop gradients into every trunk (a linear probe of the heads); returns ``model``.
 
     Only ``requires_grad`` changes. BatchNorm running statistics of the trunks still update in ``model.train()``;
-    put the trunks in eval mode after each ``model.train()`` call (``for t in model.trunks: t.eval()``) to keep
+    put the trunks in eval mode after each ``model.train()`` call (``for t in model.trunks: t.train(False)``) to keep
     them fixed too. The MoCo key encoders already hold no gradient; their query projections are left trainable.
     """
     for p in model.trunks.parameters():
@@ -1101,7 +1101,7 @@ def publish(
             if not _is_export(source):
                 raise FileNotFoundError(f"no model in {output_dir}: expected export/ensemble/ or best/ with "
                                         f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-            model = load_model(source).eval()
+            model = load_model(source).train(False)
         return model
 
     folders: Dict[str, Path] = {}

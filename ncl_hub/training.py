@@ -36,10 +36,9 @@ import torch.nn as nn
 from .config import ConfigError, RunConfig, config_to_dict, save_config
 from .losses import NCLLoss, validate_class_counts
 from .models import MocoConfig, NCLModel, create_model
-from .models.batched import EXPERT_EXECUTION
 
-__all__ = ["train", "build_data", "build_model", "build_criterion", "lr_factor", "NonFiniteLossError",
-           "find_checkpoint", "DataBundle", "ExpertCELoss"]
+__all__ = ["train", "build_data", "build_model", "build_train_loader", "build_criterion", "lr_factor",
+           "NonFiniteLossError", "find_checkpoint", "DataBundle", "ExpertCELoss"]
 
 _logger = logging.getLogger(__name__)
 _BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
@@ -235,8 +234,6 @@ def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[st
                           temperature=cfg.moco.temperature, momentum=cfg.moco.momentum)
     if mc.num_experts < 1:
         raise ConfigError(f"model.num_experts must be >= 1, got {mc.num_experts}")
-    if mc.expert_execution not in EXPERT_EXECUTION:
-        raise ConfigError(f"model.expert_execution must be one of {EXPERT_EXECUTION}, got {mc.expert_execution!r}")
     if mc.expert_execution == "batched" and mc.grad_checkpointing:
         raise ConfigError("model.expert_execution=batched does not combine with model.grad_checkpointing; "
                           "turn one of them off")
@@ -493,6 +490,32 @@ def _validate_options(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
 
 
+# ---------------------------------------------------------------------------------------------- data loading
+def _loader_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    return dict(num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def build_train_loader(cfg: RunConfig, data: DataBundle, model: NCLModel, micro_batch: int):
+    """The training DataLoader (before ``accelerator.prepare``): decoding, the ``cfg.data.augment`` policy and,
+    with MoCo, the key view, all in the loader workers; per-sample seeds that follow the epoch; the configured
+    sampler. ``recipes/train.py`` and ``benchmarks/data.py`` both use it."""
+    from . import samplers as S
+    from . import transforms as T
+
+    pcfg = model.pretrained_cfg
+    train_tf = T.build_train_transform(cfg.data.augment, pcfg)
+    key_tf = T.moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
+    train_set = EpochSeededDataset(
+        T.TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
+        seed=cfg.seed)
+    labels = data.train.with_format(None)["label"]
+    sampler = S.build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
+                              num_epochs=cfg.epochs)
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed), **_loader_kwargs(cfg))
+
+
 # ---------------------------------------------------------------------------------------------- train
 def _reset_accelerator_state() -> None:
     """Let one Python process run ``train`` several times (a notebook, the test suite) with different precision.
@@ -514,7 +537,6 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     from . import evaluate as E
     from . import hub
-    from . import samplers as S
     from . import transforms as T
 
     t_start = time.time()
@@ -555,27 +577,15 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
                       f"{' + MoCo' if model.moco is not None else ''}")
 
     # data pipeline: decoding and augmentation in the loader workers
-    pcfg = model.pretrained_cfg
-    train_tf = T.build_train_transform(cfg.data.augment, pcfg)
-    key_tf = T.moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
-    train_set = EpochSeededDataset(
-        T.TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
-        seed=cfg.seed)
-    labels = data.train.with_format(None)["label"]
-    sampler = S.build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
-                              num_epochs=cfg.epochs)
-    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-                     persistent_workers=False)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    eval_tf = T.eval_transform(pcfg)
+    train_loader = build_train_loader(cfg, data, model, micro_batch)
+    train_set, sampler = train_loader.dataset, train_loader.sampler  # epoch-aware: set each epoch below
+    eval_tf = T.eval_transform(model.pretrained_cfg)
     eval_loaders = {}
     for name, ds in (("val", data.val), ("test", data.test)):
         if ds is not None:
             eval_loaders[name] = torch.utils.data.DataLoader(
                 T.TransformedImageDataset(ds, eval_tf, on_decode_error=cfg.data.on_decode_error),
-                batch_size=cfg.data.eval_batch_size, shuffle=False, **loader_kw)
+                batch_size=cfg.data.eval_batch_size, shuffle=False, **_loader_kwargs(cfg))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,

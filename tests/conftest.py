@@ -72,3 +72,26 @@ def make_tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, see
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def step_runner(model, accelerator, class_counts, **runner_kwargs):
+    """A StepRunner over ``model`` with the NCL loss and the recipe's SGD settings (lr 0.05)."""
+    from ncl_hub.losses import NCLLoss
+    from ncl_hub.training import StepRunner, TrainStep
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    return StepRunner(accelerator, TrainStep(model, NCLLoss(class_counts, validate_targets=False)), opt,
+                      **runner_kwargs)
+
+
+def lockstep(runners, *, seed, steps=3, batch=16, num_classes=6):
+    """Feed every runner the same random batches and the same random anchor draws; yield each step's loss dicts."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, xk = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, 3, 32, 32, generator=g)
+        y = torch.randint(num_classes, (batch,), generator=g)
+        losses = []
+        for runner in runners:
+            torch.manual_seed(7)  # the same random anchor expert for every runner
+            losses.append(runner(x, y, xk)[0])
+        yield losses

@@ -6,9 +6,8 @@ import torch
 
 import ncl_hub
 from ncl_hub.config import ConfigError, RunConfig
-from ncl_hub.losses import NCLLoss
 from ncl_hub.models.batched import run_stacked
-from ncl_hub.training import StepRunner, TrainStep, build_model
+from ncl_hub.training import build_model
 
 MOCO = dict(dim=8, hidden_dim=8, queue_size=16)
 
@@ -65,22 +64,13 @@ def test_training_steps_match_sequential():
     """Three full steps (losses, SGD, momentum update, queue) give the same weights and queues."""
     from accelerate import Accelerator
 
+    from conftest import lockstep, step_runner
+
     sequential, batched = _pair(num_classes=6, num_experts=3, moco=MOCO)
     counts = [40, 20, 10, 5, 3, 2]
     accelerator = Accelerator(cpu=True)
-    runners = []
-    for model in (sequential, batched):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-4)
-        runners.append(StepRunner(accelerator, TrainStep(model, NCLLoss(counts, validate_targets=False)), opt,
-                                  compile=False))
-    g = torch.Generator().manual_seed(2)
-    for _ in range(3):
-        x, xk = torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g)
-        y = torch.randint(6, (16,), generator=g)
-        losses = []
-        for runner in runners:
-            torch.manual_seed(7)  # the same random anchor expert for both
-            losses.append(runner(x, y, xk)[0])
+    runners = [step_runner(model, accelerator, counts, compile=False) for model in (sequential, batched)]
+    for losses in lockstep(runners, seed=2):
         for k in losses[0]:
             torch.testing.assert_close(losses[1][k], losses[0][k], rtol=1e-4, atol=1e-4, msg=k)
     seq_state, bat_state = sequential.state_dict(), batched.state_dict()

@@ -46,10 +46,8 @@ def run_stacked(modules: Sequence[nn.Module], x: torch.Tensor, *, per_module_inp
     if any(m.training != base.training for m in modules):
         raise ValueError("batched expert execution needs all modules in the same train/eval mode")
     params = _stack(modules, "params")
-    buffers = _stack(modules, "buffers")
-    # in-place buffer updates (BatchNorm in training mode) land in the stacked copies, which are unrelated to
-    # the autograd graph; they are written back below
-    stacked_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+    # fresh stacked copies: in-place buffer updates (BatchNorm in training mode) land there and are written back
+    stacked_buffers = _stack(modules, "buffers")
 
     def call(p, b, inp):
         return functional_call(base, {**p, **b}, (inp,))

@@ -126,7 +126,6 @@ class MocoBranch(nn.Module):
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(len(trunks), cfg.queue_size, cfg.dim), dim=-1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.batched = False  # run the K key encoders and projections as one vmapped call (set by NCLModel)
 
     def _pairs(self, trunks: nn.ModuleList):
         query = list(trunks.parameters()) + list(self.query_proj.parameters())
@@ -148,19 +147,20 @@ class MocoBranch(nn.Module):
         torch._foreach_add_(key, query, alpha=1.0 - m)
 
     @torch.no_grad()
-    def encode_keys(self, x_key: torch.Tensor, key_trunks: Optional[Sequence[Callable]] = None) -> torch.Tensor:
+    def encode_keys(self, x_key: torch.Tensor, key_trunks: Optional[Sequence[Callable]] = None,
+                    batched: bool = False) -> torch.Tensor:
         """Second view [B, 3, H, W] -> normalised keys [K, B, dim]. ``key_trunks``: callables standing in for
-        the key trunks (their compiled versions), or None."""
-        if self.batched:
+        the key trunks (their compiled versions), or None; ``batched``: one vmapped call for all K."""
+        if batched:
             keys = run_stacked(self.key_proj, run_stacked(self.key_trunks, x_key), per_module_input=True)
         else:
             trunks = key_trunks if key_trunks is not None else self.key_trunks
             keys = torch.stack([proj(trunk(x_key)) for trunk, proj in zip(trunks, self.key_proj)])
         return F.normalize(keys.float(), dim=-1)
 
-    def project_queries(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled query features [K, B, D] -> normalised queries [K, B, dim]."""
-        if self.batched:
+    def project_queries(self, features: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """Pooled query features [K, B, D] -> normalised queries [K, B, dim] (``batched``: one vmapped call)."""
+        if batched:
             q = run_stacked(self.query_proj, features, per_module_input=True)
         else:
             q = torch.stack([proj(f) for proj, f in zip(self.query_proj, features.unbind(0))])
@@ -245,10 +245,9 @@ class NCLModel(nn.Module):
         trunks on a GPU). Same outputs, gradients and buffer updates; a runtime setting, not saved with weights.
         """
         if mode not in EXPERT_EXECUTION:
-            raise ValueError(f"unknown expert execution {mode!r}; choose one of {EXPERT_EXECUTION}")
+            raise ValueError(f"unknown expert execution {mode!r} (model.expert_execution); "
+                             f"choose one of {EXPERT_EXECUTION}")
         self.expert_execution = mode
-        if self.moco is not None:
-            self.moco.batched = mode == "batched"
         return self
 
     def _batched(self) -> bool:
@@ -331,9 +330,7 @@ class NCLModel(nn.Module):
         """[B, 3, H, W] -> every expert's logits [K, B, C]."""
         if self.num_classes == 0:
             raise RuntimeError("this model has no classifier (num_classes=0); use forward_pooled")
-        if self._batched():
-            return self._heads(self.forward_pooled(x))
-        return torch.stack([head(trunk(x)) for trunk, head in zip(self.trunks, self.heads)])
+        return self._heads(self.forward_pooled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> ensemble logits [B, C] (mean of the experts' logits)."""
@@ -363,8 +360,8 @@ class NCLModel(nn.Module):
         pooled = self.forward_pooled(x, trunks)
         out = {"logits": self._heads(pooled)}
         if self.moco is not None and x_key is not None:
-            out["query"] = self.moco.project_queries(pooled)
-            out["key"] = self.moco.encode_keys(x_key, key_trunks)
+            out["query"] = self.moco.project_queries(pooled, batched=self._batched())
+            out["key"] = self.moco.encode_keys(x_key, key_trunks, batched=self._batched())
             out["queue"] = self.moco.queue
         return out
 
