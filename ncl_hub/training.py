@@ -530,7 +530,19 @@ def _reset_accelerator_state() -> None:
 
 
 def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Train, select on validation, evaluate and export. Returns the final metrics and paths."""
+    """Train, select on validation, evaluate and export. Returns the final metrics and paths.
+
+    Accelerate's process-wide state (precision, accumulation) is fresh at the start and cleared at the end, so
+    a run leaves nothing behind for later code in the same process (the process group is kept).
+    """
+    _reset_accelerator_state()
+    try:
+        return _train(cfg, argv)
+    finally:
+        _reset_accelerator_state()
+
+
+def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -543,7 +555,6 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     _validate_options(cfg)
     _check_output_dir(cfg, output_dir)
-    _reset_accelerator_state()
     accelerator = Accelerator(
         cpu=_cpu_multiprocess(),
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with,
