@@ -22,6 +22,11 @@ __all__ = [
 ]
 
 
+# Linear warm-up of the default and of every shipped config, in optimizer steps; shorter runs are warned
+# (training.check_schedule). Measured: docs/results.md, "Warm-up".
+WARMUP_STEPS_DEFAULT = 500
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported before any training starts."""
 
@@ -53,6 +58,8 @@ class LossConfig:
     hard_ratio: float = _f(0.3, "beta: share of classes mined as hard negatives, in (0, 1)")
     distill_weight: float = _f(0.6, "lambda: weight of the NBOD distillation terms")
     anchor: Optional[int] = _f(None, "expert whose logits choose the hard classes; null = random per step")
+    ramp_steps: int = _f(0, "ramp the hard-category and distillation terms in linearly over this many optimizer "
+                            "steps (0 = off: the paper's form from the first step)")
 
 
 @dataclass
@@ -78,8 +85,13 @@ class DataConfig:
     benchmark_root: Optional[str] = _f(None, "image root of imagenet_lt / places_lt / inat2018")
     imbalance_factor: Optional[float] = _f(None, "make a balanced train split long-tailed with this IF (>= 1)")
     lt_profile: str = _f("exp", "long-tail profile: exp | step")
-    lt_seed: Optional[int] = _f(0, "which images are kept per class; null = the first n_i (Cui et al.)")
-    val_per_class: int = _f(20, "balanced validation images held out per class for model selection (0 = none)")
+    lt_head_size: Optional[int] = _f(None, "images of the head class of the long-tailed subset (null = the largest "
+                                           "class, as CIFAR-LT); smaller values make a small-data benchmark")
+    lt_seed: Optional[int] = _f(0, "which images are kept per class, and which become validation; null = the first "
+                                   "n_i (Cui et al.)")
+    val_per_class: int = _f(20, "balanced validation images per class for model selection (0 = none): the dataset's "
+                                "own validation split if it has one, else images the long-tail subsampling left out, "
+                                "else held out of the training split")
     sampler: str = _f("instance", "instance | class | sqrt | progressive")
     augment: str = _f("cifar", "train augmentation: cifar | randaugment | simclr | none")
     batch_size: int = _f(64, "images per optimizer step over all processes (effective batch)")
@@ -97,8 +109,10 @@ class OptimConfig:
     nesterov: bool = _f(True, "Nesterov momentum")
     weight_decay: float = _f(2e-4, "weight decay on all parameters")
     schedule: str = _f("cosine", "multistep | cosine")
-    warmup_epochs: float = _f(2.0, "linear warm-up length in epochs")
-    milestones: List[float] = _f([320, 360], "multistep: epochs where the rate is multiplied by gamma")
+    warmup_steps: int = _f(WARMUP_STEPS_DEFAULT, "linear warm-up length in optimizer steps (not epochs: it must not "
+                                                 "shrink with the dataset or the run)")
+    milestones: List[float] = _f([0.8, 0.9], "multistep: fractions of the run in (0, 1] where the rate is multiplied "
+                                             "by gamma (the paper's 320 and 360 of 400 epochs)")
     gamma: float = _f(0.1, "multistep decay factor")
     min_lr: float = _f(0.0, "cosine: final learning rate")
     clip_grad_norm: Optional[float] = _f(None, "clip the gradient norm to this value (null = off)")
@@ -153,8 +167,18 @@ def _leaf_paths(cls: type = RunConfig, prefix: str = "") -> Dict[str, Tuple[type
 _LEAVES = _leaf_paths()
 
 
+# keys of earlier versions, with what replaced them
+_RENAMED = {
+    "optim.warmup_epochs": "optim.warmup_steps (the warm-up is counted in optimizer steps: with a small dataset or "
+                           "a short run, a warm-up in epochs is only a few dozen steps)",
+    "warmup_epochs": "optim.warmup_steps (the warm-up is counted in optimizer steps)",
+}
+
+
 def _resolve_key(key: str) -> str:
     key = key.replace("-", "_")
+    if key in _RENAMED:
+        raise ConfigError(f"config key {key!r} was replaced by {_RENAMED[key]}")
     if key in _LEAVES:
         return key
     matches = [p for p in _LEAVES if p.split(".")[-1] == key]
@@ -197,6 +221,11 @@ def _coerce(key: str, tp: Any, value: Any, from_cli: bool) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-2 and 2e-4 (no dot) as strings
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

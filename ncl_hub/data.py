@@ -38,6 +38,7 @@ __all__ = [
     "load_inaturalist",
     "load_split_file",
     "long_tailed_counts",
+    "long_tailed_split",
     "make_long_tailed",
     "prepare_long_tailed",
     "split_validation",
@@ -49,6 +50,8 @@ _logger = logging.getLogger(__name__)
 # has `img` and `fine_label`).
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("label", "fine_label")
+# a source split with one of these names is returned as "val" (model selection uses it)
+VAL_SPLITS = ("validation", "val", "valid")
 PROFILES = ("exp", "step")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Split keywords in parquet file or folder names, as the Hub's own conventions name them.
@@ -183,29 +186,12 @@ def _rank_within_class(labels: np.ndarray, num_classes: int, seed: Optional[int]
     return by_class, rank
 
 
-def make_long_tailed(
-        dataset: datasets.Dataset,
-        imbalance_factor: float,
-        profile: str = "exp",
-        seed: Optional[int] = 0,
-        class_order: Optional[Sequence[int]] = None,
-) -> datasets.Dataset:
-    """A long-tailed subset of ``dataset`` (no image is decoded: ``Dataset.select`` over the label column).
-
-    The class at position i of ``class_order`` keeps ``long_tailed_counts(n_max, C, imbalance_factor, profile)[i]``
-    images, n_max being the largest class size. A class with fewer images than its target keeps all it has.
-
-    Args:
-        dataset: a dataset with a ``label`` column.
-        imbalance_factor: IF = n_max / n_min, >= 1.
-        profile: ``"exp"`` or ``"step"``, see ``long_tailed_counts``.
-        seed: which images each class keeps: a seeded uniform choice; None keeps the first n_i in dataset
-            order, as Cui et al.
-        class_order: a permutation of the C class ids, head first (default: label order, class 0 the head).
-
-    Returns:
-        The subset, rows in their original order.
-    """
+def _long_tailed_plan(
+        dataset: datasets.Dataset, imbalance_factor: float, profile: str, seed: Optional[int],
+        class_order: Optional[Sequence[int]], n_max: Optional[int],
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shared by ``make_long_tailed`` and ``long_tailed_split``: ``(labels, by_class, rank, keep)`` where the
+    images of class c with ``rank < keep[c]`` (in the seeded order ``by_class``) form the long-tailed subset."""
     labels = _label_array(dataset)
     num_classes = _num_classes(dataset, labels)
     if class_order is None:
@@ -215,18 +201,21 @@ def make_long_tailed(
         if order.shape != (num_classes,) or not np.array_equal(np.sort(order), np.arange(num_classes)):
             raise ValueError(f"class_order must be a permutation of the {num_classes} class ids 0..{num_classes - 1}")
     available = np.bincount(labels, minlength=num_classes)
-    n_max = int(available.max()) if available.size else 0
-    if n_max == 0:
+    if n_max is not None and n_max < 1:
+        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    largest = int(available.max()) if available.size else 0
+    if largest == 0:
         raise ValueError("cannot make an empty dataset long-tailed")
+    head = largest if n_max is None else int(n_max)
     target = np.empty(num_classes, dtype=np.int64)
-    target[order] = long_tailed_counts(n_max, num_classes, imbalance_factor, profile)
+    target[order] = long_tailed_counts(head, num_classes, imbalance_factor, profile)
     keep = np.minimum(target, available)
     empty = np.flatnonzero(keep == 0)
     if empty.size:
         c = int(empty[0])
         raise ValueError(
             f"{_class_name(dataset, c)} would keep 0 images (it has {int(available[c])}, its long-tail target is "
-            f"{int(target[c])} with n_max={n_max}, imbalance_factor={imbalance_factor}, profile={profile!r}). "
+            f"{int(target[c])} with n_max={head}, imbalance_factor={imbalance_factor}, profile={profile!r}). "
             "Use a smaller imbalance_factor, or drop the class from the label set."
         )
     short = np.flatnonzero(target > available)
@@ -235,8 +224,71 @@ def make_long_tailed(
                      short.size, ", ".join(f"{_class_name(dataset, int(c))} {available[c]}/{target[c]}"
                                            for c in short[:5]))
     by_class, rank = _rank_within_class(labels, num_classes, seed)
-    kept = np.sort(by_class[rank < keep[labels[by_class]]])
-    return dataset.select(kept)
+    return labels, by_class, rank, keep
+
+
+def make_long_tailed(
+        dataset: datasets.Dataset,
+        imbalance_factor: float,
+        profile: str = "exp",
+        seed: Optional[int] = 0,
+        class_order: Optional[Sequence[int]] = None,
+        n_max: Optional[int] = None,
+) -> datasets.Dataset:
+    """A long-tailed subset of ``dataset`` (no image is decoded: ``Dataset.select`` over the label column).
+
+    The class at position i of ``class_order`` keeps ``long_tailed_counts(n_max, C, imbalance_factor, profile)[i]``
+    images. A class with fewer images than its target keeps all it has.
+
+    Args:
+        dataset: a dataset with a ``label`` column.
+        imbalance_factor: IF = n_max / n_min, >= 1.
+        profile: ``"exp"`` or ``"step"``, see ``long_tailed_counts``.
+        seed: which images each class keeps: a seeded uniform choice; None keeps the first n_i in dataset
+            order, as Cui et al.
+        class_order: a permutation of the C class ids, head first (default: label order, class 0 the head).
+        n_max: images of the head class (default: the largest class size, as the CIFAR-LT benchmarks).
+
+    Returns:
+        The subset, rows in their original order.
+    """
+    labels, by_class, rank, keep = _long_tailed_plan(dataset, imbalance_factor, profile, seed, class_order, n_max)
+    return dataset.select(np.sort(by_class[rank < keep[labels[by_class]]]))
+
+
+def long_tailed_split(
+        dataset: datasets.Dataset,
+        imbalance_factor: float,
+        val_per_class: int,
+        profile: str = "exp",
+        seed: Optional[int] = 0,
+        class_order: Optional[Sequence[int]] = None,
+        n_max: Optional[int] = None,
+) -> Tuple[datasets.Dataset, datasets.Dataset, List[int]]:
+    """The benchmark's long-tailed training set, and a balanced validation set from the images it leaves out.
+
+    The training set is exactly ``make_long_tailed(dataset, ...)`` (CIFAR-10-LT IF 100: 12,406 images, 5,000 down
+    to 50), so nothing is taken from the rare classes for validation. Class c gives
+    ``min(val_per_class, images of c the subsampling discards)`` validation images, chosen in the same seeded
+    order after the kept ones: disjoint from training by construction. A class that keeps all its images (the
+    head class when n_max is the largest class size) has none to give; the returned shortfall names it.
+
+    Args:
+        dataset: a balanced training split with a ``label`` column.
+        imbalance_factor, profile, seed, class_order, n_max: as ``make_long_tailed``.
+        val_per_class: validation images wanted per class (>= 0).
+
+    Returns:
+        ``(train, val, val_counts)``: disjoint subsets, rows in their original order, and the validation images
+        of each class [C].
+    """
+    if val_per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
+    labels, by_class, rank, keep = _long_tailed_plan(dataset, imbalance_factor, profile, seed, class_order, n_max)
+    k = keep[labels[by_class]]
+    is_val = (rank >= k) & (rank < k + val_per_class)
+    val_counts = np.bincount(labels[by_class[is_val]], minlength=keep.size).tolist()
+    return (dataset.select(np.sort(by_class[rank < k])), dataset.select(np.sort(by_class[is_val])), val_counts)
 
 
 def prepare_long_tailed(
@@ -488,7 +540,8 @@ def load_image_dataset(
         cache_dir: ``datasets`` cache folder.
 
     Returns:
-        DatasetDict with "train" and, when there is one, "test"; columns ``image`` (``datasets.Image``, decoded
+        DatasetDict with "train", "val" when the source has a split named one of ``VAL_SPLITS`` (other than
+        train_split and test_split) and, when there is one, "test"; columns ``image`` (``datasets.Image``, decoded
         lazily) and ``label`` (``ClassLabel``, names "0".."C-1" when the source has none). Other columns are dropped.
     """
     if source == "digits":
@@ -499,6 +552,9 @@ def load_image_dataset(
         raise ValueError(f"split {train_split!r} not found in {source}: splits found: {found}. "
                          "Choose one with train_split=...")
     splits = {"train": raw[train_split]}
+    own_val = next((s for s in VAL_SPLITS if s in raw and s not in (train_split, test_split)), None)
+    if own_val is not None:  # the source's own validation split, used for model selection
+        splits["val"] = raw[own_val]
     if test_split is not None:
         if test_split in raw:
             splits["test"] = raw[test_split]

@@ -224,6 +224,7 @@ def ncl_loss(
     variant: Variant = "paper",
     log_prior: Optional[torch.Tensor] = None,
     validate: bool = True,
+    ramp: Union[float, torch.Tensor] = 1.0,
 ) -> Dict[str, torch.Tensor]:
     """The supervised NCL objective L_nil + lambda L_dis (paper eq. 7, 10, 12 without L_con).
 
@@ -238,10 +239,12 @@ def ncl_loss(
         variant: ``"paper"`` or ``"official"`` (see the module docstring).
         log_prior: precomputed log(class_counts) [C]; skips the conversion (used by NCLLoss).
         validate: check counts and labels (one host sync); NCLLoss checks once per call.
+        ramp: factor in [0, 1] on the hard-category and distillation terms (an option, not in the paper:
+            ramping them in over the first steps); 1 is the paper's objective.
 
     Returns:
         dict of scalar tensors ``loss``, ``nil_all``, ``nil_hard``, ``nbod_all``, ``nbod_hard`` with
-        loss = nil_all + nil_hard + distill_weight * (nbod_all + nbod_hard).
+        loss = nil_all + ramp * (nil_hard + distill_weight * (nbod_all + nbod_hard)); the terms are unscaled.
     """
     _check_variant(variant)
     if logits.ndim != 3:
@@ -267,7 +270,7 @@ def ncl_loss(
         "nbod_all": nbod_loss(logp_all, normalization),
         "nbod_hard": nbod_loss(logp_hard, normalization),
     }
-    out["loss"] = out["nil_all"] + out["nil_hard"] + distill_weight * (out["nbod_all"] + out["nbod_hard"])
+    out["loss"] = out["nil_all"] + ramp * (out["nil_hard"] + distill_weight * (out["nbod_all"] + out["nbod_hard"]))
     return out
 
 
@@ -284,9 +287,12 @@ class NCLLoss(nn.Module):
         temperature: MoCo temperature tau.
         validate_targets: check labels on every call (one host sync per step; the trainer checks
             the dataset's labels once up front and turns this off).
+        ramp_steps: ramp the hard-category and distillation terms in linearly over this many optimizer steps
+            (``set_step`` tells the loss where training is); 0 = off, the paper's objective throughout.
     """
 
     log_prior: torch.Tensor
+    ramp: torch.Tensor
 
     def __init__(
         self,
@@ -299,6 +305,7 @@ class NCLLoss(nn.Module):
         contrastive_weight: float = 1.0,
         temperature: float = 0.2,
         validate_targets: bool = True,
+        ramp_steps: int = 0,
     ):
         super().__init__()
         _check_variant(variant)
@@ -311,6 +318,17 @@ class NCLLoss(nn.Module):
         self.contrastive_weight = contrastive_weight
         self.temperature = temperature
         self.validate_targets = validate_targets
+        if ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        self.ramp_steps = ramp_steps
+        # a buffer updated in place, so a compiled graph reads it as an input instead of recompiling per value
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
+        self.set_step(0)
+
+    def set_step(self, step: int) -> None:
+        """Tell the loss how many optimizer steps are done (sets the ramp factor; a no-op without a ramp)."""
+        if self.ramp_steps:
+            self.ramp.fill_(min(1.0, (step + 1) / self.ramp_steps))
 
     @property
     def num_classes(self) -> int:
@@ -338,7 +356,7 @@ class NCLLoss(nn.Module):
         out = ncl_loss(
             logits, target, None, hard_ratio=self.hard_ratio, distill_weight=self.distill_weight,
             anchor=self.anchor if self.anchor is not None or anchor is None else anchor, variant=self.variant,
-            log_prior=self.log_prior, validate=False,
+            log_prior=self.log_prior, validate=False, ramp=self.ramp if self.ramp_steps else 1.0,
         )
         if query is not None:
             if key is None or queue is None:
@@ -349,7 +367,7 @@ class NCLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, hard_ratio={self.hard_ratio}, distill_weight={self.distill_weight}, "
-                f"anchor={self.anchor}, variant={self.variant!r}")
+                f"anchor={self.anchor}, variant={self.variant!r}, ramp_steps={self.ramp_steps}")
 
 
 def _check_variant(variant: str) -> None:

@@ -38,6 +38,7 @@ from .losses import NCLLoss, validate_class_counts
 from .models import MocoConfig, NCLModel, create_model
 
 __all__ = ["train", "build_data", "build_model", "build_train_loader", "build_criterion", "lr_factor",
+           "describe_schedule",
            "NonFiniteLossError", "find_checkpoint", "DataBundle", "ExpertCELoss"]
 
 _logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def build_criterion(cfg: RunConfig, class_counts: List[int]) -> nn.Module:
     con = dict(contrastive_weight=cfg.moco.weight, temperature=cfg.moco.temperature)
     if name == "ncl":
         return NCLLoss(class_counts, hard_ratio=cfg.loss.hard_ratio, distill_weight=cfg.loss.distill_weight,
-                       anchor=cfg.loss.anchor, variant=cfg.loss.variant, validate_targets=False, **con)
+                       anchor=cfg.loss.anchor, variant=cfg.loss.variant, validate_targets=False,
+                       ramp_steps=cfg.loss.ramp_steps, **con)
     if name in ("bsce", "ce"):
         return ExpertCELoss(class_counts, balanced=name == "bsce", **con)
     raise ConfigError(f"unknown loss {name!r}; choose ncl, bsce or ce")
@@ -101,6 +103,7 @@ class DataBundle:
     class_names: List[str]
     class_counts: List[int]
     source: str
+    notes: List[str] = field(default_factory=list)  # how train / val were made, printed at start
 
     @property
     def num_classes(self) -> int:
@@ -146,28 +149,19 @@ def _build_data(cfg: RunConfig) -> DataBundle:
     if dc.dataset in _BENCHMARKS:
         if not dc.benchmark_root:
             raise ConfigError(f"dataset {dc.dataset!r} needs --data.benchmark_root (the folder of its images)")
-        splits = D.load_benchmark(dc.dataset, dc.benchmark_root)
+        splits = dict(D.load_benchmark(dc.dataset, dc.benchmark_root))
+        if dc.test_split and dc.test_split != "test" and dc.test_split in splits:  # iNaturalist: val is the test
+            splits["test"] = splits.pop(dc.test_split)
     else:
         splits = D.load_image_dataset(dc.dataset, config_name=dc.config_name, train_split=dc.train_split,
                                       test_split=dc.test_split or "test", image_column=dc.image_column,
                                       label_column=dc.label_column)
-    if dc.train_split not in splits:
-        raise ConfigError(f"dataset {dc.dataset!r} has no split {dc.train_split!r}; it has {sorted(splits)}")
-    train = splits[dc.train_split]
+    train = splits["train"]
     names = _class_names(train)
     _check_labels(train, len(names), dc.train_split)
     if dc.imbalance_factor is not None and dc.imbalance_factor < 1:
         raise ConfigError(f"imbalance_factor must be >= 1, got {dc.imbalance_factor}")
-    if dc.imbalance_factor is not None:
-        train = D.prepare_long_tailed(train, dc.imbalance_factor, profile=dc.lt_profile, seed=dc.lt_seed)
-    val = None
-    if dc.val_per_class > 0:
-        own_val = next((s for s in ("val", "validation") if s in splits and s not in (dc.train_split, dc.test_split)),
-                       None)
-        if own_val is not None:  # a benchmark's own validation list (e.g. ImageNet-LT's 20 per class)
-            val = splits[own_val]
-        else:
-            train, val = D.split_validation(train, per_class=dc.val_per_class, seed=cfg.seed)
+    train, val, notes = _train_and_val(train, splits.get("val") if dc.val_per_class > 0 else None, dc, names)
     if dc.limit_train is not None and dc.limit_train < len(train):
         train = train.shuffle(seed=cfg.seed).select(range(dc.limit_train))
     counts = D.class_counts(train, len(names))
@@ -177,14 +171,60 @@ def _build_data(cfg: RunConfig) -> DataBundle:
         raise ConfigError(f"{len(empty)} class(es) have no training images after long-tailed resampling and the "
                           f"validation hold-out: {shown}. Lower the imbalance factor or --data.val_per_class.")
     test = None
-    if dc.test_split and dc.test_split in splits:
-        test = splits[dc.test_split]
+    if dc.test_split and "test" in splits:
+        test = splits["test"]
         _check_labels(test, len(names), dc.test_split)
     if dc.limit_eval is not None:
         val = val.select(range(min(dc.limit_eval, len(val)))) if val is not None else None
         test = test.select(range(min(dc.limit_eval, len(test)))) if test is not None else None
     return DataBundle(train=train, val=val if val is not None and len(val) else None, test=test,
-                      class_names=names, class_counts=counts, source=dc.dataset)
+                      class_names=names, class_counts=counts, source=dc.dataset, notes=notes)
+
+
+def _train_and_val(train, own_val, dc, names: List[str]):
+    """The training set and the validation set, by the benchmark's protocol (``DataConfig.val_per_class``):
+
+    1. the dataset's own validation split when it has one (ImageNet-LT, Places-LT, iNaturalist, a Hub dataset
+       with a ``validation`` split);
+    2. else, when the library makes a balanced split long-tailed, the images the subsampling discards
+       (balanced, ``val_per_class`` per class), so the training set is exactly the benchmark's;
+    3. else a balanced hold-out from the training images (at most half of each class), reported per class.
+
+    The choice follows ``data.lt_seed``, so every training seed of a study sees the same images.
+    Returns ``(train, val or None, notes)``; the notes say where validation came from.
+    """
+    from . import data as D
+
+    notes: List[str] = []
+    make_lt = dc.imbalance_factor is not None
+    if make_lt and not D.is_balanced(D.class_counts(train, len(names))):
+        notes.append(f"the training split is already long-tailed: data.imbalance_factor={dc.imbalance_factor:g} "
+                     "is ignored")
+        make_lt = False
+    lt_args = dict(profile=dc.lt_profile, seed=dc.lt_seed, n_max=dc.lt_head_size)
+    if not make_lt and dc.lt_head_size is not None:
+        raise ConfigError("data.lt_head_size needs data.imbalance_factor and a balanced training split")
+    if own_val is not None:
+        notes.append(f"validation: the dataset's own validation split ({len(own_val)} images)")
+        return (D.make_long_tailed(train, dc.imbalance_factor, **lt_args) if make_lt else train), own_val, notes
+    if dc.val_per_class == 0:
+        return (D.make_long_tailed(train, dc.imbalance_factor, **lt_args) if make_lt else train), None, notes
+    if make_lt:
+        train, val, val_counts = D.long_tailed_split(train, dc.imbalance_factor, dc.val_per_class, **lt_args)
+        notes.append(f"validation: {len(val)} images the long-tail subsampling left out, up to {dc.val_per_class} "
+                     "per class; the training set is the benchmark's")
+        short = [f"{names[c]} {n}" for c, n in enumerate(val_counts) if n < dc.val_per_class]
+        if short:
+            notes.append("classes with fewer validation images (they keep every image for training; validation "
+                         f"accuracy averages the classes it has): {', '.join(short)}")
+        return train, val, notes
+    before = D.class_counts(train, len(names))
+    train, val = D.split_validation(train, per_class=dc.val_per_class, seed=dc.lt_seed)
+    taken = D.class_counts(val, len(names))
+    notes.append(f"validation: {len(val)} images held out of the training split (no validation split, nothing "
+                 "discarded to take them from); per class taken / had: "
+                 + ", ".join(f"{names[c]} {t}/{n}" for c, (t, n) in enumerate(zip(taken, before))))
+    return train, val, notes
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):
@@ -267,19 +307,55 @@ def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[st
 
 # ---------------------------------------------------------------------------------------------- schedule
 def lr_factor(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
-    """Multiplier of the peak rate after ``step`` optimizer steps: linear warm-up, then multistep or cosine."""
+    """Multiplier of the peak rate after ``step`` optimizer steps: linear warm-up over ``optim.warmup_steps``,
+    then multistep (milestones at fractions of the run's ``steps_per_epoch * epochs`` steps) or cosine."""
     oc = cfg.optim
-    epoch = step / max(1, steps_per_epoch)
-    if oc.warmup_epochs > 0 and epoch < oc.warmup_epochs:
-        return (step + 1) / max(1.0, oc.warmup_epochs * steps_per_epoch)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    if step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
     if oc.schedule == "multistep":
-        return oc.gamma ** sum(epoch >= m for m in oc.milestones)
+        return oc.gamma ** sum(step >= _milestone_step(m, total) for m in oc.milestones)
     if oc.schedule == "cosine":
-        span = max(1e-8, cfg.epochs - oc.warmup_epochs)
-        t = min(1.0, (epoch - oc.warmup_epochs) / span)
+        t = min(1.0, (step - oc.warmup_steps) / max(1, total - oc.warmup_steps))
         floor = oc.min_lr / oc.lr if oc.lr > 0 else 0.0
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
     raise ConfigError(f"unknown schedule {oc.schedule!r}; choose multistep or cosine")
+
+
+def _milestone_step(fraction: float, total_steps: int) -> int:
+    return int(round(fraction * total_steps))
+
+
+def describe_schedule(steps_per_epoch: int, cfg: RunConfig) -> List[str]:
+    """The resolved schedule in words, and warnings about it (printed when a run starts).
+
+    The warning names the risk: NCL puts two cross-entropies and the distillation on every expert, so at the
+    same rate its first steps are larger than a plain loss's; with fewer warm-up steps than
+    ``WARMUP_STEPS_DEFAULT`` its experts can collapse early (docs/results.md, "Warm-up").
+    """
+    from .config import WARMUP_STEPS_DEFAULT
+
+    oc = cfg.optim
+    total = steps_per_epoch * cfg.epochs
+    lines = [f"schedule: {cfg.epochs} epochs x {steps_per_epoch} optimizer steps = {total} steps; "
+             f"warm-up {oc.warmup_steps} steps ({oc.warmup_steps / max(1, steps_per_epoch):.1f} epochs) to lr "
+             f"{oc.lr:g}, then " + (
+                 "cosine to " + f"{oc.min_lr:g}" if oc.schedule == "cosine" else
+                 "x" + f"{oc.gamma:g} at " + ", ".join(
+                     f"step {_milestone_step(m, total)} (epoch {_milestone_step(m, total) / steps_per_epoch:.1f})"
+                     for m in oc.milestones))]
+    if cfg.loss.name == "ncl" and cfg.loss.ramp_steps:
+        lines.append(f"loss: hard-category and distillation terms ramped in over {cfg.loss.ramp_steps} steps")
+    warnings = []
+    if cfg.loss.name == "ncl" and oc.warmup_steps < WARMUP_STEPS_DEFAULT and not cfg.init_from:
+        warnings.append(
+            f"warning: warm-up of {oc.warmup_steps} optimizer steps is shorter than the {WARMUP_STEPS_DEFAULT} NCL "
+            "needs at the paper's rate: its experts can collapse in the first epochs (docs/results.md, Warm-up). "
+            f"Use --optim.warmup_steps {WARMUP_STEPS_DEFAULT} or more, or a lower --optim.lr.")
+    if oc.warmup_steps > total // 2:
+        warnings.append(f"warning: the warm-up ({oc.warmup_steps} steps) is more than half of the run ({total} "
+                        "steps): the rate spends most of the run below its peak. Train longer or on more data.")
+    return lines + warnings
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -407,6 +483,8 @@ class StepRunner:
         self.clip_grad_norm = clip_grad_norm
         inner = _unwrap(step_module)
         self.model: NCLModel = inner.model
+        self.criterion = inner.criterion
+        self.steps_done = 0  # optimizer steps, when there is no scheduler to count them
         self.random_anchor = getattr(inner.criterion, "anchor", 0) is None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if compile_scope not in COMPILE_SCOPES:
@@ -421,6 +499,8 @@ class StepRunner:
         """Returns (loss terms dict, whether an optimizer step happened)."""
         acc = self.accelerator
         anchor = torch.randint(self.model.num_experts, (1,)) if self.random_anchor else None
+        if hasattr(self.criterion, "set_step"):
+            self.criterion.set_step(self.scheduler.last_epoch if self.scheduler is not None else self.steps_done)
         with acc.accumulate(self.step_module):
             losses, keys = self.forward(x, target, x_key, anchor)
             acc.backward(losses["loss"])  # divided by grad_accum inside
@@ -432,6 +512,7 @@ class StepRunner:
             # every process enqueues the keys of all processes: the queues stay identical
             self.model.moco.enqueue(acc.gather(keys.detach().transpose(0, 1).contiguous()).transpose(0, 1))
         if acc.sync_gradients:
+            self.steps_done += 1
             if self.scheduler is not None:
                 self.scheduler.step()
             self.model.momentum_update()
@@ -480,6 +561,14 @@ def _validate_options(cfg: RunConfig) -> None:
         raise ConfigError(f"data.on_decode_error must be raise or skip, got {cfg.data.on_decode_error!r}")
     if cfg.data.val_per_class < 0:
         raise ConfigError(f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.loss.ramp_steps < 0:
+        raise ConfigError(f"loss.ramp_steps must be >= 0, got {cfg.loss.ramp_steps}")
+    bad = [m for m in cfg.optim.milestones if not 0 < m <= 1]
+    if bad:
+        raise ConfigError(f"optim.milestones are fractions of the run in (0, 1] (the paper's 320 and 360 of 400 "
+                          f"epochs are 0.8 and 0.9), got {bad}")
     if cfg.moco.enabled and cfg.moco.queue_size < 1:
         raise ConfigError("moco.queue_size must be >= 1")
     for name, valid in (("data.sampler", ("instance", "class", "sqrt", "progressive")),
@@ -582,6 +671,8 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
         f"data: {data.source} | {data.num_classes} classes | train {len(data.train)} images "
         f"(max {n_max}, min {n_min}, IF {n_max / n_min:.1f}) "
         f"| val {len(data.val) if data.val is not None else 0} | test {len(data.test) if data.test is not None else 0}")
+    for note in data.notes:
+        accelerator.print(f"data: {note}")
     n_params = model.num_inference_params()
     accelerator.print(f"model: {model.num_experts} x {model.backbone} ({model.classifier} heads), "
                       f"{n_params / 1e6:.2f}M inference parameters, loss {cfg.loss.name}"
@@ -618,6 +709,8 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
     accelerator.print(f"step: {'torch.compile' if use_compile else 'eager'} ({steps_per_epoch} optimizer steps per "
                       f"epoch of {cfg.data.batch_size} images, {accelerator.num_processes} process(es), "
                       f"{accelerator.mixed_precision} mixed precision)")
+    for line in describe_schedule(steps_per_epoch, cfg):
+        accelerator.print(line)
 
     ckpt = find_checkpoint(output_dir, cfg.resume) if cfg.resume else None
     if ckpt is not None:
@@ -728,6 +821,7 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
             "imbalance_factor": cfg.data.imbalance_factor, "command": _command(argv),
             "best_epoch": progress.best_epoch, "selected_expert": selected, "epochs": cfg.epochs,
             "wall_time_s": round(time.time() - t_start, 1), "num_processes": accelerator.num_processes,
+            "commit": code_version(),
             "history": progress.history, "skipped_train_images": train_set.dataset.skipped,
         }
         _write_json_atomic(output_dir / "run_info.json", run_info)
@@ -746,6 +840,24 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def code_version() -> str:
+    """The git commit of the ncl_hub code that runs (``-dirty`` with uncommitted changes to tracked files), or the
+    package version outside a git checkout: recorded with every run."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from . import __version__
+
+        return f"ncl-hub {__version__}"
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -26,7 +26,7 @@ def cifar10_dir() -> Path:
 
 # a CPU-sized training command line for the recipe tests
 TINY = ["--model.backbone", "resnet8_cifar_tiny", "--data.batch_size", "8", "--data.eval_batch_size", "16",
-        "--data.num_workers", "0", "--data.val_per_class", "2", "--optim.warmup_epochs", "0", "--log_every", "2"]
+        "--data.num_workers", "0", "--data.val_per_class", "2", "--optim.warmup_steps", "0", "--log_every", "2"]
 
 
 def make_tiny_dataset(path: Path, per_class=(12, 8, 5, 3), test_per_class=3, seed=0, corrupt_index=None,

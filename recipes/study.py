@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Run a seeded study (training configurations x seeds) and regenerate docs/results.md from its run folders.
+
+    python recipes/study.py --config recipes/studies/cifar10_lt_cpu.yaml --jobs 2   # run (skip done, resume killed)
+    python recipes/study.py --config recipes/studies/cifar10_lt_cpu.yaml --report   # collect finished runs only
+    python recipes/study.py --report                                                 # docs/results.md from the JSON
+    python recipes/study.py --config ... --dry-run                                   # the train.py commands
+
+Each run is recipes/train.py in its own process, log in <run>/train.log. The record of a study is written to
+docs/results/<name>.json; docs/results.md is generated from all records. All logic lives in ncl_hub.study.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from ncl_hub.config import ConfigError  # noqa: E402
+from ncl_hub import study as S  # noqa: E402
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} vCPUs ({cpu}), torch {torch.__version__}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="study file (YAML)")
+    p.add_argument("--report", action="store_true", help="do not train: collect finished runs and regenerate")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")
+    p.add_argument("--only", default=None, help="comma-separated method names to run")
+    p.add_argument("--dry-run", action="store_true", help="print each run's train.py command and state")
+    p.add_argument("--results-dir", default=str(REPO / "docs" / "results"), help="where study records go")
+    p.add_argument("--markdown", default=str(REPO / "docs" / "results.md"), help="the generated results page")
+    args = p.parse_args(argv)
+    if not args.config and not args.report:
+        p.error("give --config STUDY.yaml, or --report to regenerate the results page")
+    try:
+        failed = []
+        if args.config:
+            study = S.load_study(args.config)
+            if args.dry_run:
+                for method, seed in study.runs():
+                    run_dir = study.run_dir(method.name, seed)
+                    state = "done" if S.is_finished(run_dir) else "resume" if (run_dir / "checkpoints").is_dir() \
+                        else "new"
+                    print(f"[{state}] python recipes/train.py {' '.join(S.run_argv(study, method, seed))}")
+                return 0
+            if not args.report:
+                only = args.only.split(",") if args.only else None
+                failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only)
+            record = S.collect(study)
+            record["machine"] = _machine()
+            out = Path(args.results_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{study.name}.json").write_text(json.dumps(record, indent=1))
+            print(f"wrote {out / (study.name + '.json')}")
+        path = S.write_results(Path(args.results_dir), Path(args.markdown))
+        print(f"wrote {path}")
+        if failed:
+            print(f"{len(failed)} run(s) failed: " + ", ".join(map(str, failed)))
+            return 1
+        return 0
+    except ConfigError as e:
+        if argv is not None:
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
