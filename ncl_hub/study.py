@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ConfigError, config_to_dict, parse_args
+from .config import ConfigError, config_from_dict, config_to_dict, parse_args
 
 __all__ = ["Study", "Method", "load_study", "run_argv", "run_study", "collect", "render_markdown", "write_results"]
 
@@ -125,7 +125,11 @@ def _check_same_config(run_dir: Path, argv: List[str]) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = _flat(yaml.safe_load(saved.read_text()) or {})
+    try:  # through the config parser: keys added since the run started get their defaults
+        old = _flat(config_to_dict(config_from_dict(yaml.safe_load(saved.read_text()) or {})))
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir} holds a run whose settings this version cannot read ({e}). Delete the folder "
+                          "to rerun it.") from None
     new = _flat(config_to_dict(parse_args(argv)))
     diff = sorted(k for k in set(old) | set(new) if k not in _IGNORED_KEYS and old.get(k) != new.get(k))
     if diff:

@@ -736,7 +736,9 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         steps_left = steps_per_epoch - skip // cfg.grad_accum
         bar = tqdm(total=steps_per_epoch, initial=skip // cfg.grad_accum, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+                   # no bar in a log file (a study's train.log): the epoch lines say the same
+                   disable=not accelerator.is_local_main_process or not sys.stderr.isatty(), leave=False,
+                   dynamic_ncols=True)
         window = torch.zeros(log_every, len(_LOSS_TERMS), device=accelerator.device)
         sums = torch.tensor(progress.partial_sums if skip and progress.partial_sums else [0.0] * len(_LOSS_TERMS),
                             device=accelerator.device)

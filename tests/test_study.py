@@ -1,0 +1,114 @@
+"""The study runner on tiny data: two methods x two seeds, a killed run resumed, the report regenerated."""
+import json
+import shutil
+import sys
+
+import pytest
+import yaml
+
+from ncl_hub import study as S
+from ncl_hub.config import ConfigError
+
+from conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "recipes"))
+
+import study as study_recipe  # noqa: E402
+
+
+def _tiny_overrides():
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    return {k.lstrip("-"): v for k, v in pairs.items()}
+
+
+def _write_study(tmp_path, tiny_data, **extra):
+    config = tmp_path / "base.yaml"
+    config.write_text("loss: {name: ncl}\noptim: {lr: 0.05}\n")
+    spec = {
+        "name": "tiny_study", "title": "Tiny study", "description": "Two methods on tiny data.",
+        "config": "base.yaml", "output_root": str(tmp_path / "runs"), "seeds": [0, 1],
+        "common": {**_tiny_overrides(), "data.dataset": str(tiny_data), "epochs": 2, "eval_splits": ["val", "test"]},
+        "methods": {"bsce_k1": {"label": "BSCE K=1", "overrides": {"loss.name": "bsce", "model.num_experts": 1}},
+                    "ncl": {"label": "NCL K=2", "overrides": {"model.num_experts": 2}}},
+        "baseline": "bsce_k1", **extra}
+    path = tmp_path / "tiny_study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_bad_study_files_are_refused_before_training(tmp_path, tiny_data):
+    path = _write_study(tmp_path, tiny_data, methods={"a": {"overrides": {"optim.lrr": 0.1}}}, baseline=None)
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        S.load_study(path)
+    path = _write_study(tmp_path, tiny_data, baseline="nope")
+    with pytest.raises(ConfigError, match="baseline 'nope'"):
+        S.load_study(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        S.load_study(tmp_path / "missing.yaml")
+
+
+def test_study_runs_resumes_and_reports(tmp_path, tiny_data):
+    path = _write_study(tmp_path, tiny_data)
+    results, page = tmp_path / "results", tmp_path / "results.md"
+    argv = ["--config", str(path), "--jobs", "2", "--results-dir", str(results), "--markdown", str(page)]
+    assert study_recipe.main(argv) == 0
+    study = S.load_study(path)
+    run_dirs = [study.run_dir(m.name, s) for m, s in study.runs()]
+    assert len(run_dirs) == 4 and all(S.is_finished(d) for d in run_dirs)
+
+    # a run killed after its first epoch: only that epoch's checkpoint is left, nothing of the end of the run
+    killed = study.run_dir("ncl", 1)
+    first_metrics = json.loads((killed / "eval" / "metrics.json").read_text())
+    for sub in ("eval", "export"):
+        shutil.rmtree(killed / sub)
+    (killed / "run_info.json").unlink()
+    for ckpt in (killed / "checkpoints").iterdir():
+        if ckpt.name != "epoch_0000":
+            shutil.rmtree(ckpt)
+    other_log = (study.run_dir("ncl", 0) / "train.log").read_text()
+    assert study_recipe.main(argv) == 0
+    log = (killed / "train.log").read_text()
+    assert "resumed from" in log and "epoch_0000" in log
+    assert (study.run_dir("ncl", 0) / "train.log").read_text() == other_log  # finished runs are skipped
+    again = json.loads((killed / "eval" / "metrics.json").read_text())
+    assert again["splits"]["test"]["ensemble"]["top1"] == first_metrics["splits"]["test"]["ensemble"]["top1"]
+
+    # the record and the page come from the run folders
+    record = json.loads((results / "tiny_study.json").read_text())
+    assert record["seeds"] == [0, 1] and set(record["methods"]) == {"bsce_k1", "ncl"}
+    ncl = record["methods"]["ncl"]
+    values = [ncl["runs"][str(s)]["splits"]["test"]["ensemble"]["top1"] for s in (0, 1)]
+    stat = ncl["summary"]["test/ensemble/top1"]
+    assert stat["values"] == values and stat["mean"] == pytest.approx(sum(values) / 2)
+    sel = json.loads((study.run_dir("ncl", 0) / "run_info.json").read_text())["selected_expert"]
+    m0 = json.loads((study.run_dir("ncl", 0) / "eval" / "metrics.json").read_text())
+    assert ncl["runs"]["0"]["splits"]["test"]["single"]["top1"] == m0["splits"]["test"]["experts"][sel]["top1"]
+    diff = record["differences"]["ncl"]["vs_baseline_single"]["test/single/top1"]
+    base = record["methods"]["bsce_k1"]["runs"]
+    assert diff["values"][0] == pytest.approx(ncl["runs"]["0"]["splits"]["test"]["single"]["top1"]
+                                              - base["0"]["splits"]["test"]["single"]["top1"])
+    assert all(r["commit"] for r in ncl["runs"].values())
+    text = page.read_text()
+    assert "## Tiny study" in text and "| NCL K=2 | 2 | ensemble |" in text and "single (K = 1)" in text
+    assert f"{stat['mean']:.2f} ± {stat['std']:.2f}" in text
+    # --report regenerates the same page from the records alone
+    page.unlink()
+    assert study_recipe.main(["--report", "--results-dir", str(results), "--markdown", str(page)]) == 0
+    assert page.read_text() == text
+
+
+def test_changed_settings_are_not_resumed_into_an_old_run(tmp_path, tiny_data):
+    path = _write_study(tmp_path, tiny_data, seeds=[0])
+    study = S.load_study(path)
+    run_dir = study.run_dir("ncl", 0)
+    run_dir.mkdir(parents=True)
+    from ncl_hub.config import parse_args, save_config
+
+    cfg = parse_args(S.run_argv(study, study.methods[1], 0))
+    cfg.epochs = 99
+    save_config(cfg, run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match="other settings.*epochs: 99 -> 2"):
+        S.run_study(study, only=["ncl"], log=lambda *_: None)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"optim": {"warmup_epochs": 5}}))
+    with pytest.raises(ConfigError, match="cannot read"):
+        S.run_study(study, only=["ncl"], log=lambda *_: None)
