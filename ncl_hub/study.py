@@ -60,6 +60,7 @@ class Study:
     common: Dict[str, Any]
     methods: List[Method]
     baseline: Optional[str] = None
+    findings: str = ""
     source: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
 
@@ -81,8 +82,8 @@ def load_study(path) -> Study:
     missing = [k for k in ("name", "config", "seeds", "methods") if k not in data]
     if missing:
         raise ConfigError(f"{path}: study file lacks {', '.join(missing)}")
-    unknown = set(data) - {"name", "title", "description", "config", "output_root", "seeds", "common", "methods",
-                           "baseline"}
+    unknown = set(data) - {"name", "title", "description", "findings", "config", "output_root", "seeds", "common",
+                           "methods", "baseline"}
     if unknown:
         raise ConfigError(f"{path}: unknown study keys {sorted(unknown)}")
     methods = []
@@ -94,7 +95,7 @@ def load_study(path) -> Study:
         config=(path.parent / data["config"]).resolve(), output_root=Path(data.get("output_root",
                                                                                  f"outputs/studies/{data['name']}")),
         seeds=[int(s) for s in data["seeds"]], common=dict(data.get("common") or {}), methods=methods,
-        baseline=data.get("baseline"), source=path)
+        baseline=data.get("baseline"), findings=(data.get("findings") or "").strip(), source=path)
     if study.baseline is not None and study.baseline not in {m.name for m in methods}:
         raise ConfigError(f"{path}: baseline {study.baseline!r} is not one of the methods {[m.name for m in methods]}")
     for method, seed in study.runs():
@@ -206,10 +207,11 @@ def _run_record(run_dir: Path) -> Dict[str, Any]:
     splits = {}
     for split, m in metrics["splits"].items():
         single = m["experts"][selected] if m.get("experts") else m["ensemble"]
+        per_class = m.get("per_class_accuracy") or {}
         splits[split] = {"single": {g: single.get(g) for g in GROUPS},
                          "ensemble": {g: m["ensemble"].get(g) for g in GROUPS},
-                         "per_class_single": m["per_class_accuracy"]["experts"][selected]
-                         if m.get("per_class_accuracy", {}).get("experts") else None,
+                         "per_class_single": per_class["experts"][selected] if per_class.get("experts") else None,
+                         "per_class_ensemble": per_class.get("ensemble"),
                          "pairwise_kl": m.get("pairwise_kl")}
     history = [{k: h.get(k) for k in ("epoch", "step", "lr", "train_loss", "train_nil_all", "train_nil_hard",
                                        "train_nbod_all", "train_nbod_hard", "train_ce", "val_top1",
@@ -246,9 +248,17 @@ def collect(study: Study) -> Dict[str, Any]:
                     if any(v is not None for v in vals):
                         summary[f"{split}/{model}/{g}"] = _stats(vals)
         summary["wall_time_s"] = _stats([r["wall_time_s"] for r in runs.values()])
+        summary["test/pairwise_kl"] = _stats([r["splits"].get("test", {}).get("pairwise_kl") for r in runs.values()])
+        for model in ("single", "ensemble"):
+            rows = [r["splits"].get("test", {}).get(f"per_class_{model}") for r in runs.values()]
+            rows = [row for row in rows if row]
+            if rows:
+                summary[f"test/per_class_{model}"] = [
+                    sum(row[c] for row in rows if row[c] is not None) / max(1, sum(row[c] is not None for row in rows))
+                    for c in range(len(rows[0]))]
         methods[method.name] = {"label": method.label, "overrides": method.overrides, "runs": runs,
                                 "summary": summary}
-    record = {"name": study.name, "title": study.title, "description": study.description,
+    record = {"name": study.name, "title": study.title, "description": study.description, "findings": study.findings,
               "study_file": str(study.source) if study.source else None, "config": _repo_relative(study.config),
               "common": study.common, "seeds": study.seeds, "baseline": study.baseline, "methods": methods,
               "commits": sorted({r["commit"] for m in methods.values() for r in m["runs"].values() if r["commit"]})}
@@ -286,12 +296,13 @@ def _repo_relative(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _fmt(stat: Optional[Dict[str, Any]], with_values: bool = True) -> str:
+def _fmt(stat: Optional[Dict[str, Any]], with_values: bool = True, signed: bool = False) -> str:
     if not stat or stat["mean"] is None:
         return "n/a"
-    text = f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+    sign = "+" if signed else ""
+    text = f"{stat['mean']:{sign}.2f} ± {stat['std']:.2f}"
     if with_values and stat["n"] > 1:
-        text += " (" + ", ".join("-" if v is None else f"{v:.1f}" for v in stat["values"]) + ")"
+        text += " (" + ", ".join("-" if v is None else f"{v:{sign}.1f}" for v in stat["values"]) + ")"
     return text
 
 
@@ -303,7 +314,7 @@ def render_study(record: Dict[str, Any]) -> str:
     """The markdown section of one study record: setting, test and validation tables, differences, curves."""
     groups = _present_groups(record)
     names = {"top1": "overall", "many": "many", "medium": "medium", "few": "few"}
-    lines = [f"## {record['title']}", "", record["description"], ""]
+    lines = [f"## {record['title']}", "", fill_numbers(record["description"], record), ""]
     common = " ".join(f"--{k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in record["common"].items())
     lines += [f"Config `{record['config']}` with `{common}`; seeds {record['seeds']}; study file "
               f"`{record.get('study_file')}`; code at commit(s) {', '.join(record['commits']) or 'unknown'}.", ""]
@@ -332,7 +343,7 @@ def render_study(record: Dict[str, Any]) -> str:
                   "|---|---|" + "---:|" * len(groups)]
         for name, d in record["differences"].items():
             for model in ("single", "ensemble"):
-                cells = [_fmt(d["vs_baseline_single"].get(f"test/{model}/{g}")) for g in groups]
+                cells = [_fmt(d["vs_baseline_single"].get(f"test/{model}/{g}"), signed=True) for g in groups]
                 if any(c != "n/a" for c in cells):
                     lines.append(f"| {record['methods'][name]['label']} | {model} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -344,8 +355,51 @@ def render_study(record: Dict[str, Any]) -> str:
         lines.append(f"| {m['label']} | {_fmt(s.get('val/single/top1'), False)} | "
                      f"{_fmt(s.get('val/ensemble/top1'), False)} | {epochs} |")
     lines.append("")
+    lines += _render_per_class(record)
     lines += _render_curves(record)
+    if record.get("findings"):
+        lines += ["### What the numbers say", "", fill_numbers(record["findings"], record), ""]
     return "\n".join(lines)
+
+
+def fill_numbers(text: str, record: Dict[str, Any]) -> str:
+    """Replace ``{{METHOD:KEY}}`` with the method's mean ± std of a summary key (``test/single/top1``), and
+    ``{{diff:METHOD:KEY}}`` with its paired difference to the baseline: prose quotes numbers without typing them."""
+    import re
+
+    def value(match: "re.Match[str]") -> str:
+        parts = match.group(1).split(":")
+        try:
+            if parts[0] == "diff":
+                stat = record["differences"][parts[1]]["vs_baseline_single"].get(parts[2])
+                return _fmt(stat, False, signed=True) if stat else "n/a"
+            return _fmt(record["methods"][parts[0]]["summary"].get(parts[1]), False)
+        except (KeyError, IndexError):
+            raise ValueError(f"study text refers to {match.group(0)}, which the record does not have") from None
+
+    return re.sub(r"\{\{([^}]+)\}\}", value, text)
+
+
+def _render_per_class(record: Dict[str, Any], max_classes: int = 20) -> List[str]:
+    """Test accuracy per class (mean over seeds), classes in training-count order: where a method wins or loses."""
+    counts = next((r["class_counts"] for m in record["methods"].values() for r in m["runs"].values()
+                   if r.get("class_counts")), None)
+    if not counts or len(counts) > max_classes:
+        return []
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    lines = ["Test accuracy per class (%, mean over seeds), classes by training images (in brackets):", "",
+             "| method | model | " + " | ".join(f"{c} ({counts[c]})" for c in order) + " | mean pairwise KL |",
+             "|---|---|" + "---:|" * (len(order) + 1)]
+    for m in record["methods"].values():
+        for model in ("single", "ensemble"):
+            row = m["summary"].get(f"test/per_class_{model}")
+            if not row or (model == "ensemble" and row == m["summary"].get("test/per_class_single")):
+                continue
+            kl = m["summary"].get("test/pairwise_kl")
+            kl_text = f"{kl['mean']:.3f}" if model == "ensemble" and kl and kl["mean"] is not None else ""
+            lines.append(f"| {m['label']} | {model} | " + " | ".join(f"{row[c]:.1f}" for c in order)
+                         + f" | {kl_text} |")
+    return lines + [""]
 
 
 def _render_curves(record: Dict[str, Any], points: int = 6) -> List[str]:

@@ -30,7 +30,9 @@ def _write_study(tmp_path, tiny_data, **extra):
         "common": {**_tiny_overrides(), "data.dataset": str(tiny_data), "epochs": 2, "eval_splits": ["val", "test"]},
         "methods": {"bsce_k1": {"label": "BSCE K=1", "overrides": {"loss.name": "bsce", "model.num_experts": 1}},
                     "ncl": {"label": "NCL K=2", "overrides": {"model.num_experts": 2}}},
-        "baseline": "bsce_k1", **extra}
+        "baseline": "bsce_k1",
+        "findings": "NCL's ensemble: {{ncl:test/ensemble/top1}}; single minus BSCE: {{diff:ncl:test/single/top1}}.",
+        **extra}
     path = tmp_path / "tiny_study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -91,6 +93,10 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_data):
     text = page.read_text()
     assert "## Tiny study" in text and "| NCL K=2 | 2 | ensemble |" in text and "single (K = 1)" in text
     assert f"{stat['mean']:.2f} ± {stat['std']:.2f}" in text
+    assert (f"NCL's ensemble: {stat['mean']:.2f} ± {stat['std']:.2f}; single minus BSCE: "
+            f"{diff['mean']:+.2f} ± {diff['std']:.2f}.") in text
+    with pytest.raises(ValueError, match="nope:test/top1"):
+        S.fill_numbers("{{nope:test/top1}}", record)
     # --report regenerates the same page from the records alone
     page.unlink()
     assert study_recipe.main(["--report", "--results-dir", str(results), "--markdown", str(page)]) == 0
