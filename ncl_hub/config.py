@@ -285,7 +285,10 @@ def load_config(path: Union[str, Path], cfg: Optional[RunConfig] = None) -> RunC
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a damaged or foreign file: name it, not a traceback
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix or replace it") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
     return apply_overrides(cfg or RunConfig(), _flatten(data), from_cli=False, source=str(path))

@@ -470,9 +470,183 @@ def _pick_column(columns: Sequence[str], given: Optional[str], candidates: Seque
                      f"{list(columns)}. Name it with {flag}=...")
 
 
+def _image_storage(ds: datasets.Dataset, where: str) -> Tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(bytes [N], paths [N]) of the ``image`` column: an Image feature, a {bytes, path} struct, file paths or raw
+    bytes; a missing part is all nulls. Zero-copy views of the memory-mapped column: no image bytes are read."""
+    import pyarrow.compute as pc
+
+    feature = ds.features["image"]
+    col = ds.with_format("arrow", columns=["image"])["image"]
+    col = col if isinstance(col, pa.ChunkedArray) else pa.chunked_array([col])
+    n = len(col)
+    if isinstance(feature, datasets.Image) or (isinstance(feature, dict) and feature
+                                               and set(feature) <= {"bytes", "path"}):
+        names = {col.type.field(i).name for i in range(col.type.num_fields)}
+        data = pc.struct_field(col, "bytes") if "bytes" in names else pa.nulls(n, pa.binary())
+        paths = pc.struct_field(col, "path") if "path" in names else pa.nulls(n, pa.string())
+    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        data, paths = pa.nulls(n, pa.binary()), col
+    elif isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        data, paths = col, pa.nulls(n, pa.string())
+    else:
+        raise ValueError(f"the image column of {where} holds {feature}, not images (an Image feature, "
+                         "{bytes, path} structs, file paths or encoded bytes): name the image column with "
+                         "image_column=...")
+    return _as_type(data, pa.binary()), _as_type(paths, pa.string())
+
+
+def _as_type(array, pa_type: pa.DataType) -> pa.ChunkedArray:
+    if pa.types.is_null(array.type):
+        array = pa.nulls(len(array), pa_type)
+    array = array if array.type == pa_type else array.cast(pa_type)
+    return array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array], pa_type)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and "::" not in path
+
+
+def _standardise_images(ds: datasets.Dataset, where: str, base_dir: Optional[Path]) -> datasets.Dataset:
+    """The ``image`` column as a decoding ``datasets.Image()``, from any of the forms ``_image_storage`` reads.
+
+    Images stored only as a path (no bytes) are checked to exist; a relative path is read relative to
+    ``base_dir``, the folder the dataset was loaded from (None for Hub datasets: paths are left as they are).
+    """
+    feature = ds.features["image"]
+    if isinstance(feature, datasets.Image) and feature.decode and base_dir is None:
+        return ds
+    data, paths = _image_storage(ds, where)
+    path_only = data.is_null().to_numpy(zero_copy_only=False) & paths.is_valid().to_numpy(zero_copy_only=False)
+    is_image = isinstance(feature, datasets.Image) and feature.decode
+    if not path_only.any() or base_dir is None:
+        return ds if is_image else ds.cast_column("image", datasets.Image())  # paths, {bytes, path}, bytes
+    listed = paths.to_pylist()
+    resolved = list(listed)
+    for i in np.flatnonzero(path_only):
+        if _is_local(listed[i]):
+            local = os.path.expanduser(listed[i])
+            resolved[i] = local if os.path.isabs(local) else str(base_dir / local)
+    missing = [i for i in np.flatnonzero(path_only) if _is_local(resolved[i]) and not os.path.isfile(resolved[i])]
+    if missing:
+        i = int(missing[0])
+        raise FileNotFoundError(
+            f"{len(missing)} image file(s) listed in the image column of {where} do not exist, e.g. row {i}: "
+            f"{listed[i]!r} (looked for {resolved[i]}). Relative paths are read relative to the dataset folder "
+            f"{base_dir}; give absolute paths, or paths relative to that folder.")
+    if resolved == listed:
+        return ds if is_image else ds.cast_column("image", datasets.Image())
+    image = pa.StructArray.from_arrays([data.combine_chunks(), pa.array(resolved, pa.string())],
+                                       names=["bytes", "path"])
+    label = ds.with_format("arrow", columns=["label"])["label"]
+    features = datasets.Features({"image": datasets.Image(), "label": ds.features["label"]})
+    return datasets.Dataset(pa.table({"image": image, "label": label}), info=datasets.DatasetInfo(features=features))
+
+
+def _label_kind(ds: datasets.Dataset, where: str) -> str:
+    """"class" (ClassLabel), "int" or "str"; refuses other label columns and missing labels."""
+    feature = ds.features["label"]
+    col = ds.with_format("arrow", columns=["label"])["label"]
+    if col.null_count:
+        raise ValueError(f"the label column of {where} has {col.null_count} missing label(s); drop or fill those rows "
+                         "first")
+    if isinstance(feature, datasets.ClassLabel):
+        return "class"
+    if isinstance(feature, datasets.Value) and pa.types.is_integer(col.type):
+        return "int"
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return "str"
+    raise ValueError(f"the label column of {where} holds {feature}: class labels must be a ClassLabel, integer class "
+                     "indices 0..C-1 or class names (strings). Name the right column with label_column=...")
+
+
+def _check_int_labels(splits: Mapping[str, datasets.Dataset], source: str) -> int:
+    """C for integer labels 0..C-1 over all splits; a negative label or a value without images is an error."""
+    seen = np.zeros(0, dtype=np.int64)
+    for split, ds in splits.items():
+        labels = _label_array(ds)
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"split {split!r} of {source} has label {int(labels.min())}: integer labels must be class "
+                             "indices >= 0 (-1 usually marks a test split without public labels)")
+        seen = np.union1d(seen, np.unique(labels))
+    num_classes = int(seen.max()) + 1 if seen.size else 0
+    gaps = np.setdiff1d(np.arange(num_classes), seen)
+    if gaps.size:
+        hint = " They look 1-based: subtract 1." if gaps.tolist() == [0] else ""
+        raise ValueError(
+            f"the integer labels of {source} run up to {num_classes - 1}, but {gaps.size} value(s) below that have no "
+            f"image in any split: {gaps[:10].tolist()}. Integer labels are read as class indices 0..C-1, each with "
+            f"images.{hint} Renumber the classes 0..C-1, or give the column a ClassLabel feature with the class "
+            "names (a declared class may have no images).")
+    return num_classes
+
+
+def _encode_string_labels(splits: Mapping[str, datasets.Dataset], source: str) -> datasets.ClassLabel:
+    """The ClassLabel of string labels: the training split's sorted names (``class_encode_column``); a name in
+    another split that training lacks is an error (its class would have no training image)."""
+    train = splits["train"]
+    class_label = train.select_columns(["label"]).class_encode_column("label").features["label"]
+    known = set(class_label.names)
+    for split, ds in splits.items():
+        if split == "train":
+            continue
+        if isinstance(ds.features["label"], datasets.ClassLabel):
+            if ds.features["label"].names != class_label.names:
+                raise ValueError(f"split {split!r} of {source} has class names {ds.features['label'].names[:5]}..., "
+                                 f"the training split's labels are {class_label.names[:5]}...")
+            continue
+        unseen = sorted(set(ds.unique("label")) - known)
+        if unseen:
+            raise ValueError(
+                f"split {split!r} of {source} has {len(unseen)} class(es) that the training split has no image of: "
+                f"{unseen[:10]}. Every class needs training images: add them to the training split, or drop those "
+                f"rows from {split!r}.")
+    return class_label
+
+
+def _standardise_labels(splits: Dict[str, datasets.Dataset], source: str) -> datasets.DatasetDict:
+    """Give every split one ClassLabel: kept as it is, built for integer indices ("0".."C-1"), or encoded from
+    string labels (sorted names of the training split)."""
+    kinds = {split: _label_kind(ds, f"split {split!r} of {source}") for split, ds in splits.items()}
+    if kinds["train"] == "str":
+        if "int" in kinds.values():
+            bad = next(s for s, k in kinds.items() if k == "int")
+            raise ValueError(f"split {bad!r} of {source} has integer labels but the training split has class names "
+                             "(strings): give every split the same kind of label column")
+        target = _encode_string_labels(splits, source)
+    elif "str" in kinds.values():
+        bad = next(s for s, k in kinds.items() if k == "str")
+        raise ValueError(f"split {bad!r} of {source} has string labels but the training split has class indices: "
+                         "give every split the same kind of label column")
+    else:
+        class_labels = [ds.features["label"] for s, ds in splits.items() if kinds[s] == "class"]
+        if any(cl.names != class_labels[0].names for cl in class_labels):
+            raise ValueError(f"the splits of {source} have different class names: "
+                             f"{[cl.names[:5] for cl in class_labels]}")
+        ints = {s: ds for s, ds in splits.items() if kinds[s] == "int"}
+        if not ints:
+            return datasets.DatasetDict(splits)
+        if class_labels:
+            target = class_labels[0]
+            for split, ds in ints.items():
+                labels = _label_array(ds)
+                if labels.size and (labels.min() < 0 or labels.max() >= target.num_classes):
+                    bad = int(labels[(labels < 0) | (labels >= target.num_classes)][0])
+                    raise ValueError(f"split {split!r} of {source} has label {bad}, outside the "
+                                     f"{target.num_classes} class names of the other splits")
+        else:
+            num_classes = _check_int_labels(ints, source)
+            target = datasets.ClassLabel(names=[str(i) for i in range(num_classes)])
+    return datasets.DatasetDict({s: ds if kinds[s] == "class" else ds.cast_column("label", target)
+                                 for s, ds in splits.items()})
+
+
 def _standardise(dd: datasets.DatasetDict, image_column: Optional[str], label_column: Optional[str],
-                 source: str) -> datasets.DatasetDict:
-    """Select, rename and type the image / label columns of every split; give all splits one ClassLabel."""
+                 source: str, base_dir: Optional[Path] = None) -> datasets.DatasetDict:
+    """Select, rename and type the image / label columns of every split; give all splits one ClassLabel.
+
+    Images: an ``Image`` feature, ``{bytes, path}`` structs, file paths (relative ones read relative to
+    ``base_dir``) or encoded bytes, all cast to a decoding ``datasets.Image()``. Labels: see ``load_image_dataset``.
+    """
     out: Dict[str, datasets.Dataset] = {}
     for split, ds in dd.items():
         where = f"split {split!r} of {source}"
@@ -481,37 +655,10 @@ def _standardise(dd: datasets.DatasetDict, image_column: Optional[str], label_co
         if img == lab:
             raise ValueError(f"image_column and label_column are both {img!r} in {where}")
         ds = ds.select_columns([img, lab])
-        labels = _label_array(ds, lab)  # raises for non-integer labels
-        if labels.size and labels.min() < 0:
-            raise ValueError(f"{where} has label {int(labels.min())} in column {lab!r}: labels must be class indices "
-                             ">= 0 (-1 usually marks a test split without public labels)")
         if (img, lab) != ("image", "label"):
             ds = ds.rename_columns({k: v for k, v in ((img, "image"), (lab, "label")) if k != v})
-        feature = ds.features["image"]
-        if not (isinstance(feature, datasets.Image) and feature.decode):
-            is_path = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-            if isinstance(feature, datasets.Image) or is_path:
-                ds = ds.cast_column("image", datasets.Image())  # undecoded images or file paths
-            else:
-                raise ValueError(f"column {img!r} of {where} holds {feature}, not images: name the image column "
-                                 "with image_column=...")
-        out[split] = ds
-    class_labels = [ds.features["label"] for ds in out.values()
-                    if isinstance(ds.features["label"], datasets.ClassLabel)]
-    if any(cl.names != class_labels[0].names for cl in class_labels):
-        raise ValueError(f"the splits of {source} have different class names: {[cl.names[:5] for cl in class_labels]}")
-    if len(class_labels) == len(out):
-        return datasets.DatasetDict(out)
-    num_classes = max(int(_label_array(ds).max(initial=-1)) + 1 for ds in out.values())
-    if class_labels:
-        if num_classes > class_labels[0].num_classes:
-            raise ValueError(f"labels of {source} reach {num_classes - 1}, beyond its {class_labels[0].num_classes} "
-                             "class names")
-        target = class_labels[0]
-    else:
-        target = datasets.ClassLabel(names=[str(i) for i in range(num_classes)])
-    return datasets.DatasetDict({k: v if isinstance(v.features["label"], datasets.ClassLabel)
-                                 else v.cast_column("label", target) for k, v in out.items()})
+        out[split] = _standardise_images(ds, f"{where} (column {img!r})", base_dir)
+    return _standardise_labels(out, source)
 
 
 def load_image_dataset(
@@ -535,14 +682,23 @@ def load_image_dataset(
         train_split: the source split returned as "train".
         test_split: the source split returned as "test"; the default "test" is left out silently when the source
             has none, a split named otherwise must exist; None returns no test split.
-        image_column: image column (default: the first of ``img``, ``image``).
-        label_column: label column (default: the first of ``label``, ``fine_label``), integer class indices.
+        image_column: image column (default: the first of ``img``, ``image``): an ``Image`` feature, ``{bytes, path}``
+            structs (parquet files written by other tools), encoded image bytes, or file paths. Paths stored without
+            bytes must exist; relative ones are read relative to the dataset folder (the folder given, or the folder
+            of the parquet file given).
+        label_column: label column (default: the first of ``label``, ``fine_label``): a ``ClassLabel`` (kept with
+            its names); integer class indices 0..C-1 (a negative value, or a value below the largest that has no
+            image in any split, is an error naming it: such labels are not class indices, e.g. 1-based or sparse
+            ids); or class names as strings, encoded like ``Dataset.class_encode_column`` (names sorted) from the
+            training split, the other splits cast to the same ClassLabel (a name the training split lacks is an
+            error).
         cache_dir: ``datasets`` cache folder.
 
     Returns:
         DatasetDict with "train", "val" when the source has a split named one of ``VAL_SPLITS`` (other than
         train_split and test_split) and, when there is one, "test"; columns ``image`` (``datasets.Image``, decoded
-        lazily) and ``label`` (``ClassLabel``, names "0".."C-1" when the source has none). Other columns are dropped.
+        lazily) and ``label`` (one ``ClassLabel`` for all splits, names "0".."C-1" for integer labels). Other
+        columns are dropped.
     """
     if source == "digits":
         return load_digits_demo()
@@ -563,7 +719,9 @@ def load_image_dataset(
                              "Choose one with test_split=... (None for no test split)")
         else:
             _logger.info("%s has no 'test' split (splits found: %s): returning train only", source, found)
-    return _standardise(datasets.DatasetDict(splits), image_column, label_column, source)
+    local = Path(source).expanduser()
+    base_dir = (local.parent if local.is_file() else local).resolve() if local.exists() else None
+    return _standardise(datasets.DatasetDict(splits), image_column, label_column, source, base_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

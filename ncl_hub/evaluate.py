@@ -5,7 +5,9 @@ Shapes: K experts, N samples of a split, C classes, M calibration bins.
 Conventions (every function below follows them):
 
 * Logits are the models' raw logits. NCL is trained with Balanced Softmax, so at test time the
-  prediction is ``argmax z`` and probabilities are ``softmax(z)`` of the raw logits; no prior is added.
+  prediction is ``argmax z`` and probabilities are ``softmax(z)`` of the raw logits; no prior is added,
+  unless the caller deploys the model with a class prior (``class_prior``): then every metric is of
+  ``z + tau * log(pi)``, as ``NCLModel.set_class_prior`` would predict (see :mod:`ncl_hub.priors`).
   Probabilities are computed in float64 log space (``log_softmax``).
 * The ensemble's logits are the mean of the experts' logits (``logits.mean(0)``).
 * ``top1`` is the share of correctly classified samples of the split. ``many`` / ``medium`` / ``few``
@@ -17,7 +19,14 @@ Conventions (every function below follows them):
   (Guo et al. 2017): confidence = max softmax probability, M equal-width bins ``(lo, hi]`` over
   [0, 1], ``sum_b n_b / N * |acc_b - conf_b|``. ``nll`` is the mean negative log-likelihood in nats.
   ``pairwise_kl`` is in nats.
-* All returned numbers are Python ints / floats / None, so metrics dicts go to JSON as they are.
+* ``prior_shift`` (per split) is top-1 accuracy under shifted test class priors (SADE's protocol): for a
+  test imbalance r, the prior ``pi_r`` of :func:`ncl_hub.priors.long_tailed_prior` over the training order,
+  and top-1 = ``sum_c pi_r(c) * acc_c`` over the classes present in the split (``pi_r`` renormalised over
+  them): exactly the accuracy on the split resampled to ``pi_r``, without resampling noise. ``adjusted``
+  records predict with ``z + tau * log(pi_r)`` (the test prior known, logit adjustment); the others predict
+  as deployed (raw logits, or the caller's class prior).
+* All returned numbers are Python ints / floats / None, so metrics dicts go to JSON as they are (an NLL is
+  ``inf`` when a class prior of 0 rules out a label that occurs).
 
 The "single expert" of a report is chosen on a validation split by the caller (or taken from the
 split named "val"), never on the test split; ``best_expert`` of each split is informational only.
@@ -34,6 +43,9 @@ import torch
 import torch.nn as nn
 
 from .losses import validate_target
+from .priors import (
+    TEST_IMBALANCES, PriorSpec, describe_prior, format_imbalance, long_tailed_prior, logit_adjustment, resolve_prior,
+)
 
 __all__ = [
     "group_classes",
@@ -41,6 +53,7 @@ __all__ = [
     "evaluate_predictions",
     "predict",
     "format_summary",
+    "format_prior_shift",
     "write_report",
     "load_metrics",
 ]
@@ -83,16 +96,25 @@ def split_metrics(
     few_threshold: int = 20,
     num_bins: int = 15,
     hist_bins: int = 20,
+    class_prior: PriorSpec = None,
+    prior_strength: float = 1.0,
+    test_imbalances: Sequence[float] = TEST_IMBALANCES,
 ) -> Dict[str, Any]:
     """Every metric of one split, for the ensemble and each expert.
 
     Args:
-        expert_logits: raw logits [K, N, C] (any float dtype, any device).
+        expert_logits: raw logits [K, N, C] (any float dtype, any device), without any class prior.
         labels: class indices [N].
-        class_counts: training images per class [C]; defines the many / medium / few groups.
+        class_counts: training images per class [C]; defines the many / medium / few groups and the
+            training order of the shifted test priors.
         many_threshold, few_threshold: see :func:`group_classes`.
         num_bins: M, equal-width confidence bins of the ECE and of the reliability diagram.
         hist_bins: equal-width bins over [0, 1] of the hardest-negative histogram.
+        class_prior: the prior the model is deployed with (None, ``"uniform"``, ``"train"`` = the
+            ``class_counts``, or C numbers): every metric except the ``adjusted`` prior-shift records is of
+            ``z + prior_strength * log(pi)``.
+        prior_strength: tau of that adjustment and of the ``adjusted`` prior-shift records.
+        test_imbalances: the test imbalances r of ``prior_shift`` (empty: no prior-shift records).
 
     Returns:
         ``{"num_samples", "ensemble", "experts", "best_expert", "pairwise_kl", "hardest_negative_prob",
@@ -102,7 +124,9 @@ def split_metrics(
         histogram (``bin_edges`` [hist_bins + 1], ``counts`` [hist_bins]). ``reliability`` is the
         ensemble's reliability diagram: ``bin_edges`` [M + 1], ``counts`` [M], ``accuracy`` and
         ``confidence`` [M] as fractions in [0, 1] (``None`` for empty bins). ``per_class_accuracy``
-        holds C percentages per model, ``None`` for classes absent from the split.
+        holds C percentages per model, ``None`` for classes absent from the split. ``prior_shift``
+        is a list of ``{"test_imbalance": r, "model": "ensemble" | "expert k", "adjusted": bool, "top1"}``
+        (percent), for every r, model and both settings of ``adjusted``.
     """
     if expert_logits.ndim != 3:
         raise ValueError(f"expert_logits must be [K, N, C], got shape {tuple(expert_logits.shape)}")
@@ -122,8 +146,9 @@ def split_metrics(
     labels = labels.to(expert_logits.device)
     validate_target(labels, num_classes)
     groups = group_classes(counts, many_threshold, few_threshold)
+    deployed = logit_adjustment(resolve_prior(class_prior, num_classes, counts.tolist()), prior_strength)
 
-    stats = _sample_stats(expert_logits, labels)  # model index K is the ensemble
+    stats = _sample_stats(expert_logits, labels, deployed)  # model index K is the ensemble
     labels = labels.cpu()
     label_counts = torch.bincount(labels, minlength=num_classes).double()
     present = label_counts > 0
@@ -175,7 +200,54 @@ def split_metrics(
             "confidence": [c if ok else None for c, ok in zip(mean_conf, nonempty.tolist())],
         },
         "per_class_accuracy": {"ensemble": per_class[num_experts], "experts": per_class[:num_experts]},
+        "prior_shift": _prior_shift(expert_logits, labels, counts, deployed, prior_strength, test_imbalances),
     }
+
+
+def _prior_shift(expert_logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                 deployed: Optional[torch.Tensor], strength: float,
+                 imbalances: Sequence[float]) -> List[Dict[str, Any]]:
+    """Top-1 under shifted test priors (module docstring): per-class hits of every model, as deployed and
+    adjusted to each test prior, weighted by that prior over the classes present in the split.
+
+    ``labels`` [N] on the CPU; ``deployed``: the deployment adjustment [C] or None. Returns the records of
+    :func:`split_metrics`'s ``prior_shift``, by imbalance, then model (ensemble first), then adjusted.
+    """
+    imbalances = [float(r) for r in imbalances]
+    if not imbalances:
+        return []
+    num_experts, num_samples, num_classes = expert_logits.shape
+    priors = torch.stack([long_tailed_prior(counts.tolist(), r) for r in imbalances])  # [R, C]
+    zero = torch.zeros(num_classes, dtype=torch.float64)
+    # row 0: as deployed; row 1 + i: adjusted to test prior i (no zero in these priors, so no -inf)
+    shifts = torch.stack([zero if deployed is None else deployed]
+                         + [_or(logit_adjustment(p, strength), zero) for p in priors])  # [1 + R, C]
+    hits = torch.zeros(len(shifts), num_experts + 1, num_classes, dtype=torch.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, (num_experts + 1) * num_classes))
+    for start in range(0, num_samples, chunk):
+        z = expert_logits[:, start:start + chunk].double()
+        z = torch.cat([z, z.mean(0, keepdim=True)]).cpu()  # [K + 1, n, C]
+        y = labels[start:start + chunk]
+        for row, shift in enumerate(shifts):
+            correct = ((z + shift).argmax(-1) == y).double()  # [K + 1, n]
+            hits[row].index_add_(1, y, correct)
+    label_counts = torch.bincount(labels, minlength=num_classes).double()
+    present = label_counts > 0
+    accuracy = hits[:, :, present] / label_counts[present]  # [1 + R, K + 1, C_present]
+    weights = priors[:, present] / priors[:, present].sum(-1, keepdim=True)  # renormalised over present classes
+    names = ["ensemble"] + [f"expert {k}" for k in range(num_experts)]
+    order = [num_experts] + list(range(num_experts))
+    records = []
+    for i, r in enumerate(imbalances):
+        for name, m in zip(names, order):
+            for adjusted, row in ((False, 0), (True, 1 + i)):
+                top1 = 100.0 * (weights[i] * accuracy[row, m]).sum().item()
+                records.append({"test_imbalance": r, "model": name, "adjusted": adjusted, "top1": top1})
+    return records
+
+
+def _or(value: Optional[torch.Tensor], default: torch.Tensor) -> torch.Tensor:
+    return default if value is None else value
 
 
 def evaluate_predictions(
@@ -187,6 +259,9 @@ def evaluate_predictions(
     selected_expert: Optional[int] = None,
     num_bins: int = 15,
     hist_bins: int = 20,
+    class_prior: PriorSpec = None,
+    prior_strength: float = 1.0,
+    test_imbalances: Sequence[float] = TEST_IMBALANCES,
 ) -> Dict[str, Any]:
     """:func:`split_metrics` for every split, plus the groups and the chosen single expert.
 
@@ -197,19 +272,23 @@ def evaluate_predictions(
         selected_expert: the single expert chosen on validation data by the caller. ``None``: the
             ``best_expert`` of the split named "val" (or else "validation") if there is one, otherwise
             no expert is selected. Never chosen on a test split.
-        num_bins, hist_bins: see :func:`split_metrics`.
+        num_bins, hist_bins, class_prior, prior_strength, test_imbalances: see :func:`split_metrics`.
 
     Returns:
         ``{"splits": {name: split_metrics}, "class_counts": [C], "groups": {"many_threshold",
-        "few_threshold", "many", "medium", "few"}, "selected_expert": int or None}``.
+        "few_threshold", "many", "medium", "few"}, "selected_expert": int or None, "class_prior": None |
+        "train" | [C] (normalised), "prior_strength": tau, "test_imbalances": [R]}``.
     """
     if not predictions:
         raise ValueError("predictions is empty: pass at least one split name -> (expert_logits, labels)")
     counts = _as_counts(class_counts)
+    resolved = resolve_prior(class_prior, counts.numel(), counts.tolist())  # checked once, before any split
+    stored_prior = None if resolved is None else "train" if isinstance(class_prior, str) else resolved.tolist()
     splits = {
         name: split_metrics(
             logits, labels, counts, many_threshold=many_threshold, few_threshold=few_threshold,
-            num_bins=num_bins, hist_bins=hist_bins,
+            num_bins=num_bins, hist_bins=hist_bins, class_prior=resolved, prior_strength=prior_strength,
+            test_imbalances=test_imbalances,
         )
         for name, (logits, labels) in predictions.items()
     }
@@ -234,6 +313,9 @@ def evaluate_predictions(
             **group_classes(counts, many_threshold, few_threshold),
         },
         "selected_expert": selected_expert,
+        "class_prior": stored_prior,
+        "prior_strength": float(prior_strength),
+        "test_imbalances": [float(r) for r in test_imbalances],
     }
 
 
@@ -251,7 +333,10 @@ def predict(model: nn.Module, dataloader: Any, accelerator: Any = None) -> Tuple
 
     Returns:
         (expert logits [K, N, C] float32 on CPU, labels [N] int64 on CPU). The model is put in eval
-        mode and every submodule's previous mode is restored afterwards.
+        mode and every submodule's previous mode is restored afterwards. The logits are what the model
+        returns: a model with a class prior (``NCLModel.set_class_prior``) returns adjusted ones, so to
+        evaluate a prior, predict without it and pass it to :func:`evaluate_predictions`, which also needs
+        the raw logits for the prior-shift records.
     """
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     modes = [(module, module.training) for module in model.modules()]
@@ -295,7 +380,8 @@ def format_summary(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
 
     Rows: "ensemble" and "expert k" (the selected expert marked), columns overall / many / medium /
     few / ECE (percent) and NLL (nats); under each table the number of classes of each group that
-    occur in the split, the mean pairwise KL and the split's best expert.
+    occur in the split, the mean pairwise KL and the split's best expert; then the shifted-prior table
+    (:func:`format_prior_shift`) when the split has one.
     """
     groups = metrics["groups"]
     many_t, few_t = groups["many_threshold"], groups["few_threshold"]
@@ -316,6 +402,10 @@ def format_summary(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         f"Selected single expert (chosen on validation data): {selected}." if selected is not None
         else "Selected single expert: none (no validation split)."
     )
+    deployed = describe_prior(metrics.get("class_prior"), metrics.get("prior_strength"))
+    if deployed:
+        lines += ["", f"Class prior: {deployed}. Every number is of the logits adjusted to it (logits + tau log pi), "
+                      f"except the 'adjusted' rows of the shifted-prior tables, which use the test prior instead."]
     for name, split in metrics["splits"].items():
         num_bins = len(split["reliability"]["counts"])
         lines += ["", f"## {name}", "", f"{split['num_samples']} samples; ECE with {num_bins} bins.", ""]
@@ -338,21 +428,74 @@ def format_summary(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         hn = split["hardest_negative_prob"]
         lines.append(f"Hardest negative probability of the ensemble: mean {hn['mean']:.4f}, "
                      f"median {hn['median']:.4f}.")
+        expert = selected if selected is not None else split["best_expert"]
+        table = format_prior_shift(split, expert, metrics.get("prior_strength", 1.0), deployed=deployed is not None,
+                                   expert_note="selected" if selected is not None else "best here, informational")
+        if table:
+            lines += ["", f"### {name}: shifted test priors", "", table.rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def format_prior_shift(split: Dict[str, Any], expert: Optional[int] = None, prior_strength: float = 1.0, *,
+                       deployed: bool = False, expert_note: str = "") -> str:
+    """A markdown table of a split's ``prior_shift`` records, and a paragraph that says how to read it.
+
+    Rows: the ensemble and expert ``expert`` (if given), each as predicted and adjusted to the test prior;
+    columns: the test imbalances (50 ... 1 ... 1/50). Returns "" when the split has no records (a
+    ``metrics.json`` from before the prior-shift evaluation).
+
+    Args:
+        split: one split of :func:`evaluate_predictions` output.
+        expert: the single expert to show (the selected one).
+        expert_note: shown after the expert's name, e.g. "selected".
+        prior_strength: tau of the adjusted rows (for the text).
+        deployed: the unadjusted rows are of a model deployed with a class prior (for the text).
+    """
+    records = split.get("prior_shift") or []
+    if not records:
+        return ""
+    imbalances = list(dict.fromkeys(r["test_imbalance"] for r in records))
+    top1 = {(r["model"], r["adjusted"], r["test_imbalance"]): r["top1"] for r in records}
+    models = ["ensemble"] + ([f"expert {expert}"] if expert is not None else [])
+    as_is = "as deployed (with its class prior)" if deployed else "raw logits"
+    lines = [
+        f"Top-1 accuracy (%) when the test images follow a long-tailed class prior of test imbalance r over the "
+        f"training order (r > 1: the head classes are r times as frequent as the tail; r < 1: the tail is the "
+        f"head; 1: uniform), computed exactly by weighting per-class accuracies with the prior. Rows without "
+        f"'adjusted' predict with the {as_is}; 'adjusted' rows with logits + tau log(pi) (tau = {prior_strength:g}), "
+        f"the test prior pi known (logit adjustment).",
+    ]
+    num_classes = len(split["per_class_accuracy"]["ensemble"])
+    absent = sum(a is None for a in split["per_class_accuracy"]["ensemble"])
+    if absent:
+        lines[0] += (f" {absent} of the {num_classes} classes have no image in this split: each prior is "
+                     f"renormalised over the {num_classes - absent} present ones.")
+    lines += ["", "| model | " + " | ".join(format_imbalance(r) for r in imbalances) + " |",
+              "|---|" + "---:|" * len(imbalances)]
+    for model in models:
+        for adjusted in (False, True):
+            if (model, adjusted, imbalances[0]) not in top1:
+                continue
+            label = model + (f" ({expert_note})" if expert_note and model != "ensemble" else "")
+            label += ", adjusted" if adjusted else ""
+            lines.append(f"| {label} | " + " | ".join(_fmt(top1[(model, adjusted, r)], 2) for r in imbalances)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(
     metrics: Dict[str, Any], out_dir: Union[str, Path], *, title: Optional[str] = None, plots: bool = True
 ) -> Dict[str, Path]:
-    """Write ``metrics.json``, ``summary.md`` and (``plots``) three PNGs of the "test" split (else the first).
+    """Write ``metrics.json``, ``summary.md`` and (``plots``) the PNGs of the "test" split (else the first).
 
     The PNGs: ``per_class_accuracy.png`` (per-class accuracy of the ensemble and of the selected
     expert, or the plotted split's best one when none is selected, against classes sorted by training
-    count, counts on a log-scale twin axis), ``reliability.png`` (ensemble) and ``hardest_negative.png``.
+    count, counts on a log-scale twin axis), ``reliability.png`` (ensemble), ``hardest_negative.png`` and,
+    when the split has prior-shift records, ``prior_shift.png`` (top-1 against test imbalance, log axis).
 
     Returns:
         name -> path written: ``metrics``, ``summary`` and, with plots, ``per_class_accuracy``,
-        ``reliability``, ``hardest_negative``.
+        ``reliability``, ``hardest_negative`` and ``prior_shift``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -366,8 +509,11 @@ def write_report(
     if plots:
         split_name = "test" if "test" in metrics["splits"] else next(iter(metrics["splits"]))
         split = metrics["splits"][split_name]
-        for key, draw in (("per_class_accuracy", _plot_per_class), ("reliability", _plot_reliability),
-                          ("hardest_negative", _plot_hardest_negative)):
+        draws = [("per_class_accuracy", _plot_per_class), ("reliability", _plot_reliability),
+                 ("hardest_negative", _plot_hardest_negative)]
+        if split.get("prior_shift"):
+            draws.append(("prior_shift", _plot_prior_shift))
+        for key, draw in draws:
             fig = figure_cls(figsize=(7, 4.5), dpi=100)
             draw(fig, metrics, split_name, split)
             fig.tight_layout()
@@ -399,8 +545,11 @@ def _counts_list(counts: torch.Tensor) -> List[Union[int, float]]:
     return [int(c) if float(c).is_integer() else float(c) for c in counts.tolist()]
 
 
-def _sample_stats(expert_logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _sample_stats(expert_logits: torch.Tensor, labels: torch.Tensor,
+                  adjustment: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Per-sample quantities for the K experts and the ensemble (row K), in float64, on the CPU.
+
+    ``adjustment``: a class-prior adjustment [C] added to every model's logits (ensemble: to the mean), or None.
 
     Returns ``pred``, ``conf`` (max softmax probability), ``nll`` as [K + 1, N]; the ensemble's
     ``hardest_negative`` (max_{j != y} p_j) [N] and ``pairwise_kl`` [N] = mean over ordered pairs
@@ -413,6 +562,8 @@ def _sample_stats(expert_logits: torch.Tensor, labels: torch.Tensor) -> Dict[str
         z = expert_logits[:, start:start + chunk].double()
         y = labels[start:start + chunk]
         z = torch.cat([z, z.mean(0, keepdim=True)])  # [K + 1, n, C]
+        if adjustment is not None:
+            z = z + adjustment.to(z.device)
         logp = z.log_softmax(-1)
         # argmax of the logits themselves: subtracting logsumexp can round distinct logits into a tie
         parts["pred"].append(z.argmax(-1).cpu())
@@ -566,4 +717,28 @@ def _plot_hardest_negative(fig: Any, metrics: Dict[str, Any], split_name: str, s
     ax.set_xlabel("probability of the hardest negative class, max_{j != y} p_j")
     ax.set_ylabel("samples")
     ax.set_title(f"Hardest negative of the ensemble on {split_name}")
+    ax.legend(fontsize=8)
+
+
+def _plot_prior_shift(fig: Any, metrics: Dict[str, Any], split_name: str, split: Dict[str, Any]) -> None:
+    records = split["prior_shift"]
+    imbalances = list(dict.fromkeys(r["test_imbalance"] for r in records))
+    expert, expert_label = _single_expert(metrics, split_name, split)
+    top1 = {(r["model"], r["adjusted"], r["test_imbalance"]): r["top1"] for r in records}
+    ax = fig.add_subplot(1, 1, 1)
+    for model, label, color in (("ensemble", "ensemble", "tab:blue"), (f"expert {expert}", expert_label, "tab:orange")):
+        for adjusted in (False, True):
+            if (model, adjusted, imbalances[0]) in top1:
+                suffix = ", adjusted to the test prior" if adjusted else (
+                    ", with its class prior" if metrics.get("class_prior") is not None else "")
+                ax.plot(imbalances, [top1[(model, adjusted, r)] for r in imbalances], "-" if adjusted else "--",
+                        marker="o", ms=3, color=color, label=label + suffix)
+    ax.set_xscale("log")
+    ax.set_xticks(imbalances)
+    ax.set_xticklabels([format_imbalance(r) for r in imbalances])
+    ax.minorticks_off()
+    ax.invert_xaxis()  # forward long tail on the left, backward on the right
+    ax.set_xlabel("test imbalance r (forward long tail  <-  uniform  ->  backward long tail)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"Accuracy under shifted test priors on {split_name}")
     ax.legend(fontsize=8)

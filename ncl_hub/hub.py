@@ -6,7 +6,7 @@ rebuild the model with its weights::
 
     model.safetensors      inference weights: trunks and heads, never the training-only MoCo branch
     config.json            architecture "ncl", model_args, pretrained_cfg, label_names, and an "ncl" section
-    README.md              model card rendered from model_cards/ncl_model_card.md
+    README.md              model card rendered from the package's templates/ncl_model_card.md
     training_config.yaml   the resolved training config (when given)
     *.png                  evaluation plots (when given)
 
@@ -15,7 +15,8 @@ loads without ncl_hub. :func:`publish` turns a training output folder into two H
 (``repo_id``) and the expert selected on the validation split (``f"{repo_id}-expert"``).
 
 Weights are read from safetensors (or ``torch.load(weights_only=True)``); nothing here unpickles objects or runs
-code from a repository.
+code from a repository. A damaged or wrong file (truncated, not safetensors, not JSON, ...) is a
+``DamagedFileError`` naming it and the fix (``ncl_hub.files``); a damaged Hub download is fetched once more.
 """
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ import torch.nn as nn
 import timm
 from timm.models import PretrainedCfg, model_entrypoint, split_model_name_tag
 
+from . import files
+from .files import DamagedFileError
 from .models import factory as _factory
 from .models.factory import CheckpointMismatchError, WeightsUnavailableError, check_trunks_match
 from .models.ncl import NCLModel
 
 __all__ = [
     "save_pretrained", "export_timm", "publish", "load_model", "init_from", "freeze_trunks", "render_model_card",
-    "CheckpointMismatchError", "WeightsUnavailableError",
+    "CheckpointMismatchError", "DamagedFileError", "WeightsUnavailableError",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -52,16 +55,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
 TRAINING_CONFIG_NAME = "training_config.yaml"
-def _find_card_template() -> Path:
-    """model_cards/ncl_model_card.md of the checkout, or the copy a wheel installs under share/ncl-hub/."""
-    import sys
-
-    name = Path("model_cards") / "ncl_model_card.md"
-    candidates = [Path(__file__).resolve().parents[1] / name, Path(sys.prefix) / "share" / "ncl-hub" / name]
-    return next((p for p in candidates if p.is_file()), candidates[0])
+# package data (ncl_hub/templates/), read with importlib.resources so that a wheel install finds it too;
+# model_cards/ncl_model_card.md in the repository is a link to this file
+CARD_TEMPLATE = "templates/ncl_model_card.md"
 
 
-CARD_TEMPLATE = _find_card_template()
+def _card_template() -> str:
+    """The text of the model card template shipped inside the package."""
+    from importlib.resources import files as package_files
+
+    return package_files("ncl_hub").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+
+
 VARIANTS = ("ensemble", "expert")
 FORMATS = ("ncl", "timm")
 CARD_TAGS = ["image-classification", "timm", "long-tailed", "ncl", "multi-expert"]
@@ -195,47 +200,60 @@ def _unavailable(repo_id: str, error: Exception, what: str = "files") -> Weights
     )
 
 
-def _hub_download(repo_id: str, filename: str, cache_dir: Optional[str] = None) -> str:
-    from huggingface_hub import hf_hub_download
-    from timm.models._hub import hf_split
-
-    repo, revision = hf_split(repo_id)
-    return hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir, library_name="ncl_hub")
+_LOCAL_FIX = "Copy or download the export again, or export the model again (ncl_hub.hub.save_pretrained)."
+_HUB_FIX = "Export and upload the model again."
 
 
 def _read_hub_config(source: str, location: str, cache_dir: Optional[str] = None) -> Tuple[dict, str]:
-    """config.json of an export (downloaded for hf-hub) and a description of where it came from."""
+    """config.json of an export (downloaded for hf-hub) and a description of where it came from.
+
+    A damaged config.json is a ``files.DamagedFileError`` naming it (a damaged Hub download is fetched again)."""
     if source == "hf-hub":
         try:
-            path = _hub_download(location, CONFIG_NAME, cache_dir)
+            cfg = files.fetch_hub_file(location, CONFIG_NAME, lambda p: files.read_json(p, fix=_HUB_FIX),
+                                       cache_dir=cache_dir)
+        except files.DamagedFileError:
+            raise
         except Exception as e:  # offline, missing repo, network
             raise _unavailable(location, e, "config.json") from e
-        return json.loads(Path(path).read_text(encoding="utf-8")), f"Hub repo '{location}'"
+        return _checked_config(cfg, f"config.json of Hub repo '{location}'"), f"Hub repo '{location}'"
     folder = Path(location)
     if not folder.is_dir():
         raise FileNotFoundError(f"no export folder at '{folder}'")
-    cfg = _read_json(folder / CONFIG_NAME)
-    if cfg is None:
+    if not (folder / CONFIG_NAME).is_file():
         raise CheckpointMismatchError(
             f"{folder} is not an NCL or timm export: it has no {CONFIG_NAME}. Export with ncl_hub.hub.save_pretrained "
             f"or ncl_hub.hub.export_timm (timm's save_for_hf also works)."
         )
-    return cfg, f"export '{folder}'"
+    cfg = files.read_json(folder / CONFIG_NAME, fix=_LOCAL_FIX)
+    return _checked_config(cfg, str(folder / CONFIG_NAME)), f"export '{folder}'"
+
+
+def _checked_config(cfg: dict, where: str) -> dict:
+    """An NCL config.json must name its backbone (timm would otherwise fail without naming the file)."""
+    if cfg.get("architecture") == "ncl" and not isinstance(_get(cfg, "model_args.backbone"), str):
+        raise CheckpointMismatchError(
+            f"{where} has architecture 'ncl' but no model_args.backbone (missing keys: it was edited, or written by "
+            "another tool). Export the model again with ncl_hub.hub.save_pretrained.")
+    return cfg
 
 
 def _read_state_dict(source: str, location: str, cache_dir: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Weights of an export, from safetensors, or a legacy .bin through ``torch.load(weights_only=True)``."""
-    from timm.models._hub import load_state_dict_from_hf, load_state_dict_from_path
+    """Weights of an export, from safetensors, or a legacy .bin through ``torch.load(weights_only=True)``.
 
+    A damaged weight file is a ``files.DamagedFileError`` naming it (a damaged Hub download is fetched again)."""
     if source == "hf-hub":
         try:
-            return load_state_dict_from_hf(location, WEIGHTS_NAME, weights_only=True, cache_dir=cache_dir)
+            return files.fetch_hub_file(location, WEIGHTS_NAME, lambda p: files.read_weights(p, fix=_HUB_FIX),
+                                        cache_dir=cache_dir)
+        except files.DamagedFileError:
+            raise
         except Exception as e:
             raise _unavailable(location, e, f"weights ({WEIGHTS_NAME})") from e
-    try:
-        return load_state_dict_from_path(Path(location), weights_only=True)
-    except RuntimeError as e:
-        raise WeightsUnavailableError(f"no weights in '{location}' ({e}); expected {WEIGHTS_NAME}") from e
+    path = files.find_weights(location)
+    if path is None:
+        raise WeightsUnavailableError(f"no weights in '{location}': expected {' or '.join(files.WEIGHT_FILES)}")
+    return files.read_weights(path, fix=_LOCAL_FIX)
 
 
 # ---------------------------------------------------------------------------------------------- config.json
@@ -263,6 +281,8 @@ def _hub_config(
     class_counts: Optional[Sequence[int]],
 ) -> Dict[str, Any]:
     args = model.model_args()
+    if class_counts is not None:  # the training counts: what class_prior="train" means after a reload
+        args["class_counts"] = [int(c) for c in class_counts]
     _check_json_args(args)
     config: Dict[str, Any] = {
         "architecture": "ncl",
@@ -297,6 +317,9 @@ def _ncl_section(model: NCLModel, *, fmt: str, variant: str, expert_index: Optio
         "cosine_scale": model.cosine_scale if model.classifier == "cosine" else None,
         "num_params": num_params,
         "class_counts": [int(c) for c in class_counts] if class_counts is not None else None,
+        # the deployment prior its logits are adjusted to (NCLModel.set_class_prior), None: balanced logits
+        "class_prior": model.class_prior,
+        "prior_strength": model.prior_strength if model.class_prior is not None else None,
         "ncl_hub_version": __version__,
     }
 
@@ -425,6 +448,12 @@ def _eval_results(metrics: Optional[dict], variant: str, expert_index: Optional[
     return out
 
 
+def _named_classes(label_names: Optional[Sequence[str]]) -> List[str]:
+    """The class names worth listing in the card: none when they are only the indices "0".."C-1"."""
+    names = [str(n) for n in label_names or []]
+    return [] if names == [str(i) for i in range(len(names))] else names
+
+
 def _class_summary(class_counts: Optional[Sequence[int]]) -> Optional[Dict[str, Any]]:
     if not class_counts:
         return None
@@ -461,8 +490,9 @@ def render_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    if not CARD_TEMPLATE.is_file():
-        raise FileNotFoundError(f"model card template not found at {CARD_TEMPLATE}")
+    from .priors import describe_prior
+
+    template = _card_template()
     ncl = hub_config.get("ncl") or {}
     fmt = ncl.get("format", "ncl")
     variant = ncl.get("variant", "ensemble")
@@ -519,6 +549,7 @@ def render_model_card(
         classifier=ncl.get("classifier", "linear"),
         cosine_scale=ncl.get("cosine_scale"),
         num_classes=num_classes,
+        label_names=_named_classes(hub_config.get("label_names")),
         num_params=ncl.get("num_params"),
         input_size="x".join(str(s) for s in pretrained_cfg.get("input_size", ())),
         mean=pretrained_cfg.get("mean"),
@@ -537,15 +568,33 @@ def render_model_card(
         has_training_config=training_config is not None,
         results=_results(metrics, variant, expert_index, selected, selection_known=selection_note is not None),
         groups=_get(metrics, "groups"),
+        prior_shift=_prior_shift_table(metrics, expert_index if variant == "expert" else selected,
+                                       "this model" if variant == "expert" else "selected"),
+        class_prior=describe_prior(ncl.get("class_prior"), ncl.get("prior_strength")),
+        prior_results_balanced=bool(metrics) and _get(metrics, "class_prior") is None,
         plots=list(plots),
         model_ref=f"hf-hub:{repo_id}" if repo_id else f"local-dir:/path/to/{folder_name}",
         short_schedule=short_schedule,
         pretrained_backbone=card_data.base_model,
         bibtex=BIBTEX,
     )
-    card = ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **context)
+    card = ModelCard.from_template(card_data, template_str=template, **context)
     text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n"
     return _redact(text, secrets)
+
+
+def _prior_shift_table(metrics: Optional[dict], expert: Optional[int], expert_note: str) -> Optional[Dict[str, str]]:
+    """The shifted-test-prior table of the test split (else the first split that has one), for the card."""
+    from .evaluate import format_prior_shift
+
+    splits = _get(metrics, "splits") or {}
+    for name in ["test"] + [s for s in splits if s != "test"]:
+        split = splits.get(name)
+        if isinstance(split, dict) and split.get("prior_shift") and split.get("per_class_accuracy"):
+            table = format_prior_shift(split, expert, metrics.get("prior_strength", 1.0),
+                                       deployed=metrics.get("class_prior") is not None, expert_note=expert_note)
+            return {"split": name, "table": table.rstrip("\n")}
+    return None
 
 
 def _selection_text(metrics: Optional[dict], index: Optional[int], selected: Optional[int],
@@ -633,8 +682,11 @@ def save_pretrained(
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    class_counts = class_counts if class_counts is not None else _get(metrics, "class_counts")
+    class_counts = _first(class_counts, model.class_counts, _get(metrics, "class_counts"))
     _check_class_info(model.num_classes, class_names, class_counts)
+    if model.class_counts is not None and [int(c) for c in class_counts] != [int(c) for c in model.class_counts]:
+        raise ValueError("class_counts differ from the model's own (model.class_counts), which its class prior "
+                         "may use; pass the model's counts or none")
     source_k = _source_num_experts(model, metrics)
     if variant == "expert":
         expert_index = _resolve_expert_index(expert_index, metrics, run_info)
@@ -692,10 +744,16 @@ def export_timm(
     ``save_for_hf(..., safe_serialization=True)``.
 
     Raises:
-        ValueError: a cosine head, or a trunk registered outside timm (e.g. ncl_hub's ``resnet32_cifar``).
+        ValueError: a cosine head, a trunk registered outside timm (e.g. ncl_hub's ``resnet32_cifar``), or a class
+            prior (``NCLModel.set_class_prior``), which a plain timm model would not apply.
     """
     from timm.models._hub import save_for_hf
 
+    if model.class_prior is not None:
+        raise ValueError(
+            "cannot export a plain timm model with a class prior: timm alone would not add it to the logits. Use "
+            "the NCL format (ncl_hub.hub.save_pretrained), which keeps it, or model.set_class_prior(None) first."
+        )
     backbone = model.backbone
     if not _is_native_timm(backbone):
         module = model_entrypoint(backbone).__module__ if timm.is_model(backbone) else "nowhere"
@@ -812,6 +870,10 @@ def load_model(
     hub_cfg, where = _read_hub_config(source, location, cache_dir)
     arch = hub_cfg.get("architecture")
     if _is_ncl_architecture(arch):
+        saved_counts = _get(hub_cfg, "ncl.class_counts")
+        if saved_counts and "class_counts" not in (hub_cfg.get("model_args") or {}) and num_classes in (
+                None, hub_cfg.get("num_classes")):  # an export from before model_args held the counts
+            kwargs.setdefault("class_counts", saved_counts)
         model = timm.create_model(f"{source}:{location}", pretrained=True, num_classes=num_classes, **kwargs)
         return _after_load(model, experts)
     if arch and timm.is_model(arch):
@@ -969,7 +1031,8 @@ def init_from(
             for key, value in state_dict.items():
                 if key.startswith(prefix):
                     out[f"{part}.{slot}.{key[len(prefix):]}"] = value
-    check_trunks_match(trunks, model, source=where)
+    weights = files.find_weights(location) if source == "local-dir" else None
+    check_trunks_match(trunks, model, source=str(weights) if weights else f"'{WEIGHTS_NAME}' of {where}")
     model.trunks.load_state_dict({k[len("trunks."):]: v for k, v in trunks.items()}, strict=True)
     if load_heads:
         own = {k: v for k, v in model.state_dict().items() if k.startswith("heads.")}

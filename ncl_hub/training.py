@@ -177,8 +177,37 @@ def _build_data(cfg: RunConfig) -> DataBundle:
     if dc.limit_eval is not None:
         val = val.select(range(min(dc.limit_eval, len(val)))) if val is not None else None
         test = test.select(range(min(dc.limit_eval, len(test)))) if test is not None else None
+    absent = _classes_without_images(test, names) if test is not None else []
+    if absent:
+        notes.append(f"test: {len(absent)} of {len(names)} classes have no test images: {_name_list(absent)}; "
+                     "their accuracy is not measured (many / medium / few average the classes present)")
     return DataBundle(train=train, val=val if val is not None and len(val) else None, test=test,
                       class_names=names, class_counts=counts, source=dc.dataset, notes=notes)
+
+
+def _classes_without_images(dataset, names: List[str]) -> List[str]:
+    from . import data as D
+
+    return [names[c] for c, n in enumerate(D.class_counts(dataset, len(names))) if n == 0]
+
+
+def _name_list(names: List[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _record_absent_classes(metrics: Dict[str, Any], split_sets: Dict[str, Any], names: List[str]) -> List[str]:
+    """Write ``classes_without_images`` (class names) into every evaluated split of ``metrics``; returns the lines
+    that report them."""
+    lines = []
+    for split, entry in metrics.get("splits", {}).items():
+        if split_sets.get(split) is None:
+            continue
+        absent = _classes_without_images(split_sets[split], names)
+        entry["classes_without_images"] = absent
+        if absent:
+            lines.append(f"{split}: {len(absent)} of {len(names)} classes have no {split} images, so no accuracy: "
+                         f"{_name_list(absent)}")
+    return lines
 
 
 def _train_and_val(train, own_val, dc, names: List[str]):
@@ -256,9 +285,11 @@ class EpochSeededDataset(torch.utils.data.Dataset):
 def build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str]] = None) -> NCLModel:
     """The NCL model of ``cfg.model`` for ``num_classes`` (with the MoCo branch when enabled), initialised
     from ``cfg.init_from`` when given. Problems (unknown backbone, a mismatched checkpoint) are ConfigErrors."""
+    from .models import WeightsUnavailableError
+
     try:
         return _build_model(cfg, num_classes, class_names)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, WeightsUnavailableError) as e:  # incl. a damaged --init_from file
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model: {e}") from e
@@ -384,18 +415,37 @@ def _checkpoint_dirs(output_dir: Path) -> List[Path]:
             _logger.warning("skipping incomplete checkpoint %s (an interrupted save)", p)
         elif p.is_dir() and (p / "progress.json").is_file():
             done.append(p)
-    return sorted(done, key=lambda p: json.loads((p / "progress.json").read_text())["global_step"])
+    return sorted(done, key=_checkpoint_step)
+
+
+def _checkpoint_step(folder: Path) -> int:
+    from . import files
+
+    try:
+        return int(files.read_json(folder / "progress.json", fix=f"Delete the checkpoint folder {folder}: --resume "
+                                   "then continues from the previous checkpoint.")["global_step"])
+    except (files.DamagedFileError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint {folder}: {e}") from e
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Optional[Path]:
     """``latest`` -> the newest complete checkpoint of ``output_dir`` (None if there is none yet: the run
-    starts from the beginning); otherwise the given folder, which must be complete."""
+    starts from the beginning); otherwise the given folder, which must be complete. Every file of the checkpoint
+    is checked (a truncated, empty or foreign file is a ConfigError naming it), before anything is written."""
+    from . import files
+
     if resume == "latest":
         found = _checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "progress.json").is_file():
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no progress.json)")
+        path = found[-1] if found else None
+    else:
+        path = Path(resume)
+        if not (path / "progress.json").is_file():
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no progress.json)")
+    if path is not None:
+        try:
+            files.check_checkpoint_folder(path)
+        except files.DamagedFileError as e:
+            raise ConfigError(f"--resume: {e}") from e
     return path
 
 
@@ -644,6 +694,7 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     _validate_options(cfg)
     _check_output_dir(cfg, output_dir)
+    ckpt = find_checkpoint(output_dir, cfg.resume) if cfg.resume else None  # checked before anything is written
     accelerator = Accelerator(
         cpu=_cpu_multiprocess(),
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with,
@@ -665,7 +716,8 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
             shutil.rmtree(output_dir / sub, ignore_errors=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        if ckpt is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+            save_config(cfg, output_dir / "config.yaml")
     n_max, n_min = max(data.class_counts), min(data.class_counts)
     accelerator.print(
         f"data: {data.source} | {data.num_classes} classes | train {len(data.train)} images "
@@ -712,10 +764,18 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
     for line in describe_schedule(steps_per_epoch, cfg):
         accelerator.print(line)
 
-    ckpt = find_checkpoint(output_dir, cfg.resume) if cfg.resume else None
     if ckpt is not None:
         # model from safetensors; optimizer and RNG states with torch.load(weights_only=True); the rest is JSON
-        accelerator.load_state(str(ckpt))
+        try:
+            accelerator.load_state(str(ckpt))
+        except (RuntimeError, ValueError, KeyError) as e:  # another model or optimizer than the one saved
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt} does not fit this run ({type(e).__name__}: {first}). It was saved by "
+                f"another model or optimizer setup: resume with the run's own config.yaml "
+                f"(--config {output_dir / 'config.yaml'}), or start a new run in another --output_dir.") from e
+        if accelerator.is_main_process:
+            save_config(cfg, output_dir / "config.yaml")
         progress.__dict__.update(json.loads((ckpt / "progress.json").read_text()))
         scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
         accelerator.print(f"resumed from {ckpt}: epoch {progress.epoch + 1}, step {progress.global_step}")
@@ -787,7 +847,7 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
                               f"(data.on_decode_error=skip); first indices {skipped[:10]}")
         if "val" in eval_loaders:
             logits, target = E.predict(unwrapped, eval_loaders["val"], accelerator)
-            val = E.split_metrics(logits, target, data.class_counts)
+            val = E.split_metrics(logits, target, data.class_counts, test_imbalances=())  # selection: top-1 only
             record["val_top1"] = val["ensemble"]["top1"]
             record["val_expert_top1"] = [e["top1"] for e in val["experts"]]
             if val["ensemble"]["top1"] > progress.best_metric:
@@ -814,6 +874,8 @@ def _train(cfg: RunConfig, argv: Optional[List[str]]) -> Dict[str, Any]:
             predictions[name] = E.predict(best, eval_loaders[name], accelerator)
     selected = progress.selected_expert
     metrics = E.evaluate_predictions(predictions, data.class_counts, selected_expert=selected)
+    for line in _record_absent_classes(metrics, {"val": data.val, "test": data.test}, data.class_names):
+        accelerator.print(line)
     result: Dict[str, Any] = {"metrics": metrics, "output_dir": str(output_dir), "best_epoch": progress.best_epoch,
                               "selected_expert": selected, "history": progress.history}
     if accelerator.is_main_process:
@@ -929,17 +991,22 @@ def _command(argv: Optional[List[str]]) -> str:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, overrides: Optional[Dict[str, str]] = None,
-                 batch_size: Optional[int] = None) -> Dict[str, Any]:
+                 batch_size: Optional[int] = None, class_prior: Optional[str] = None,
+                 prior_strength: Optional[float] = None) -> Dict[str, Any]:
     """Evaluate a training output folder (its best/ model) or an export folder on any split.
 
     The data are rebuilt from the run's saved configuration (the same seeded long-tailed split and
     validation hold-out), overridable with ``overrides`` (``{"data.dataset": ...}``); the class counts
     are those saved with the run (the counts the model was trained on).
+
+    ``class_prior`` evaluates the model deployed with a class prior (``NCLModel.set_class_prior``): ``"train"``,
+    ``"uniform"`` or a file of C numbers (``priors.load_prior_file``); None keeps the one saved with the model (if
+    any). ``prior_strength``: its tau (None: the model's). The model runs once, without prior: the metrics add the
+    prior to the stored logits, and so do the prior-shift numbers for each test prior.
     """
     from accelerate import Accelerator
 
     from . import evaluate as E
-    from . import hub
     from . import transforms as T
     from .config import apply_overrides, config_from_dict, load_config
 
@@ -949,19 +1016,21 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     elif (path / "config.json").is_file():
         model_dir = path
         saved = path / "training_config.yaml"
-        cfg = config_from_dict(__import__("yaml").safe_load(saved.read_text())) if saved.is_file() else RunConfig()
+        cfg = config_from_dict(_read_yaml(saved)) if saved.is_file() else RunConfig()
     else:
         raise ConfigError(f"{path} is neither a training output folder (config.yaml + best/) nor an export "
                           "folder (config.json)")
     if overrides:
         apply_overrides(cfg, overrides, from_cli=True, source="command line")
-    info = json.loads((model_dir / "config.json").read_text())
+    info = _read_run_json(model_dir / "config.json")
     ncl_info = info.get("ncl", {})
-    model = hub.load_model(f"local-dir:{model_dir}")
+    model = _load_for_evaluation(model_dir)
     data = build_data(cfg)
     counts = ncl_info.get("class_counts") or data.class_counts
+    prior, strength = _evaluation_prior(model, class_prior, prior_strength, counts)
+    model.set_class_prior(None)  # raw logits; evaluate_predictions adds the prior
     run_info = path / "run_info.json"
-    selected = json.loads(run_info.read_text())["selected_expert"] if run_info.is_file() else None
+    selected = _read_run_json(run_info).get("selected_expert") if run_info.is_file() else None
     if model.num_experts == 1:
         selected = 0
     accelerator = Accelerator()
@@ -979,10 +1048,65 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
             T.TransformedImageDataset(ds, eval_tf, on_decode_error=cfg.data.on_decode_error),
             batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
         predictions[name] = E.predict(model, accelerator.prepare(loader), accelerator)
-    metrics = E.evaluate_predictions(predictions, counts, selected_expert=selected)
+    metrics = E.evaluate_predictions(predictions, counts, selected_expert=selected, class_prior=prior,
+                                     prior_strength=strength)
+    for line in _record_absent_classes(metrics, available, data.class_names):
+        accelerator.print(line)
     out = Path(out_dir) if out_dir else path / f"eval_{'_'.join(splits)}"
     if accelerator.is_main_process:
         E.write_report(metrics, out, title=f"NCL evaluation of {path.name}")
         accelerator.print(E.format_summary(metrics, title=f"NCL evaluation of {path.name}"))
         accelerator.print(f"wrote {out}")
     return metrics
+
+
+def _evaluation_prior(model: NCLModel, class_prior: Optional[str], prior_strength: Optional[float],
+                      class_counts: List[int]):
+    """(prior, tau) that evaluate_run deploys the model with, checked before any image is read."""
+    from .priors import check_prior_strength, load_prior_file, resolve_prior
+
+    prior = model.class_prior if class_prior is None else class_prior
+    strength = model.prior_strength if prior_strength is None else prior_strength
+    try:
+        if isinstance(prior, str) and prior not in ("train", "uniform"):
+            prior = load_prior_file(prior)
+        resolve_prior(prior, model.num_classes, class_counts)
+        check_prior_strength(strength)
+    except ValueError as e:
+        raise ConfigError(f"--class-prior / --prior-strength: {e}") from e
+    return prior, strength
+
+
+def _read_run_json(path: Path) -> Dict[str, Any]:
+    """A JSON file of a run or export; a damaged one is a ConfigError naming it."""
+    from . import files
+
+    try:
+        return files.read_json(path, fix="Copy the folder again, or re-run the export / training that wrote it.")
+    except files.DamagedFileError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({e}); copy it again from the run, or delete it to evaluate "
+                          "with the default data settings and --data.* options") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _load_for_evaluation(model_dir: Path) -> NCLModel:
+    """``hub.load_model`` of the folder to evaluate; a damaged or mismatched file is a ConfigError naming it."""
+    from . import hub
+    from .files import DamagedFileError
+    from .models import WeightsUnavailableError
+
+    try:
+        return hub.load_model(f"local-dir:{model_dir}")
+    except (DamagedFileError, hub.CheckpointMismatchError, WeightsUnavailableError) as e:
+        raise ConfigError(f"cannot load the model in {model_dir}: {e}") from e

@@ -208,16 +208,28 @@ def test_column_and_split_errors(digits, tmp_path):
 
 def test_integer_and_non_integer_labels(tmp_path, digits):
     images = [digits["train"][i]["image"] for i in range(4)]
-    datasets.Dataset.from_dict({"image": images, "label": [0, 3, 1, 3]}).to_parquet(str(tmp_path / "ints.parquet"))
+    datasets.Dataset.from_dict({"image": images, "label": [0, 3, 1, 2]}).to_parquet(str(tmp_path / "ints.parquet"))
     dd = load_image_dataset(str(tmp_path / "ints.parquet"), cache_dir=str(tmp_path / "cache"))
     assert dd["train"].features["label"].names == ["0", "1", "2", "3"]
-    datasets.Dataset.from_dict({"image": images, "label": ["a", "b", "a", "c"]}).to_parquet(
+    # a value below the largest without any image: not class indices 0..C-1
+    datasets.Dataset.from_dict({"image": images, "label": [0, 3, 1, 3]}).to_parquet(str(tmp_path / "gap.parquet"))
+    with pytest.raises(ValueError, match=r"run up to 3, but 1 value\(s\) below that have no image in any split: \[2\]"):
+        load_image_dataset(str(tmp_path / "gap.parquet"), cache_dir=str(tmp_path / "cache"))
+    datasets.Dataset.from_dict({"image": images, "label": [1, 2, 2, 3]}).to_parquet(str(tmp_path / "one.parquet"))
+    with pytest.raises(ValueError, match=r"\[0\].*1-based: subtract 1"):
+        load_image_dataset(str(tmp_path / "one.parquet"), cache_dir=str(tmp_path / "cache"))
+    # strings: encoded like class_encode_column, names sorted
+    datasets.Dataset.from_dict({"image": images, "label": ["b", "c", "b", "a"]}).to_parquet(
         str(tmp_path / "strings.parquet"))
-    with pytest.raises(ValueError, match="not integer class indices"):
-        load_image_dataset(str(tmp_path / "strings.parquet"), cache_dir=str(tmp_path / "cache"))
+    dd = load_image_dataset(str(tmp_path / "strings.parquet"), cache_dir=str(tmp_path / "cache"))
+    assert dd["train"].features["label"].names == ["a", "b", "c"] and dd["train"]["label"][:] == [1, 2, 1, 0]
     datasets.Dataset.from_dict({"image": images, "label": [0, -1, 1, 2]}).to_parquet(str(tmp_path / "hidden.parquet"))
     with pytest.raises(ValueError, match="label -1"):
         load_image_dataset(str(tmp_path / "hidden.parquet"), cache_dir=str(tmp_path / "cache"))
+    datasets.Dataset.from_dict({"image": images, "label": [0.0, 1.0, 1.0, 2.0]}).to_parquet(
+        str(tmp_path / "floats.parquet"))
+    with pytest.raises(ValueError, match=r"holds Value\('float64'\).*ClassLabel, integer class indices"):
+        load_image_dataset(str(tmp_path / "floats.parquet"), cache_dir=str(tmp_path / "cache"))
 
 
 def test_save_to_disk_folder(digits, tmp_path):

@@ -284,8 +284,9 @@ def test_format_summary_has_the_table():
 def test_write_report_and_load(tmp_path):
     metrics = _metrics()
     paths = write_report(metrics, tmp_path / "report", title="t")
-    assert set(paths) == {"metrics", "summary", "per_class_accuracy", "reliability", "hardest_negative"}
-    for key in ("per_class_accuracy", "reliability", "hardest_negative"):
+    assert set(paths) == {"metrics", "summary", "per_class_accuracy", "reliability", "hardest_negative",
+                          "prior_shift"}
+    for key in ("per_class_accuracy", "reliability", "hardest_negative", "prior_shift"):
         assert paths[key].suffix == ".png" and paths[key].stat().st_size > 1000
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_metrics(paths["metrics"]) == metrics

@@ -11,8 +11,8 @@ from torchvision import transforms as T
 
 import ncl_hub  # noqa: F401  (registers the CIFAR models with timm)
 from ncl_hub.transforms import (
-    Cutout, ImageDecodeError, TransformedImageDataset, build_train_transform, cifar_train_transform, eval_transform,
-    imagenet_train_transform, moco_key_transform,
+    BACKGROUND, Cutout, ImageDecodeError, ToRGB, TransformedImageDataset, build_train_transform, cifar_train_transform,
+    eval_transform, imagenet_train_transform, moco_key_transform, to_rgb,
 )
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -69,14 +69,17 @@ def test_cifar_eval_transform_is_normalisation_only():
 
 def test_pipelines_hold_the_documented_steps():
     cifar = [type(t) for t in cifar_train_transform(MEAN, STD).transforms]
-    assert cifar == [T.RandomCrop, T.RandomHorizontalFlip, T.AutoAugment, T.ToTensor, T.Normalize, Cutout]
+    # fit any image to 32 px first, then the released steps
+    assert cifar == [ToRGB, T.Resize, T.CenterCrop, T.RandomCrop, T.RandomHorizontalFlip, T.AutoAugment, T.ToTensor,
+                     T.Normalize, Cutout]
     names = " ".join(type(t).__name__ for t in imagenet_train_transform(224, MEAN, STD).transforms)
-    for step in ("RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ColorJitter", "Normalize"):
+    for step in ("ToRGB", "RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ColorJitter", "Normalize"):
         assert step in names
-    key = moco_key_transform(224, MEAN, STD).transforms
+    assert isinstance(eval_transform(CIFAR_CFG).transforms[0], ToRGB)
+    key = moco_key_transform(224, MEAN, STD).transforms[1:]  # after ToRGB
     blur = key[3].transforms[0]
     assert isinstance(blur, T.GaussianBlur) and tuple(blur.kernel_size) == (23, 23)
-    assert tuple(moco_key_transform(32, MEAN, STD).transforms[3].transforms[0].kernel_size) == (3, 3)
+    assert tuple(moco_key_transform(32, MEAN, STD).transforms[4].transforms[0].kernel_size) == (3, 3)
     assert key[0].scale == (0.2, 1.0) and key[1].p == 0.8 and key[2].p == 0.2 and key[3].p == 0.5
 
 
@@ -149,3 +152,96 @@ def test_skipped_indices_are_seen_after_worker_iteration():
 def test_bad_option():
     with pytest.raises(ValueError, match="on_decode_error"):
         TransformedImageDataset(_dataset(2), eval_transform(CIFAR_CFG), on_decode_error="ignore")
+
+
+# ---------------------------------------------------------------------------------------------- any image
+def test_to_rgb_per_mode():
+    gray = Image.new("L", (4, 3), 77)
+    assert to_rgb(gray).mode == "RGB" and to_rgb(gray).getpixel((0, 0)) == (77, 77, 77)
+    rgb = Image.new("RGB", (4, 3), (1, 2, 3))
+    assert to_rgb(rgb) is rgb  # nothing to do: the same object
+    # transparency is composited over the background (white by default), not dropped
+    assert to_rgb(Image.new("RGBA", (4, 3), (255, 0, 0, 0))).getpixel((0, 0)) == BACKGROUND == (255, 255, 255)
+    assert to_rgb(Image.new("RGBA", (4, 3), (255, 0, 0, 255))).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(Image.new("RGBA", (4, 3), (0, 0, 0, 128))).getpixel((0, 0)) == (127, 127, 127)
+    assert to_rgb(Image.new("LA", (4, 3), (0, 0)), background=(0, 0, 0)).getpixel((0, 0)) == (0, 0, 0)
+    palette = Image.new("P", (4, 3), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    out = to_rgb(palette)
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 255, 0)
+    assert to_rgb(Image.new("CMYK", (4, 3), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(Image.new("1", (4, 3), 1)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_to_rgb_scales_high_bit_depths_instead_of_clipping():
+    values = np.array([[0, 1000, 32896, 65535]], dtype=np.uint16)
+    out = np.asarray(to_rgb(Image.fromarray(values)))  # I;16
+    assert out[0, :, 0].tolist() == [0, 4, 128, 255] and (out[..., 0] == out[..., 2]).all()
+    as_int32 = np.asarray(to_rgb(Image.fromarray(values.astype(np.int32))))  # I holding 16-bit data
+    assert as_int32[0, :, 0].tolist() == [0, 4, 128, 255]
+    wide = np.asarray(to_rgb(Image.fromarray(np.array([[-100, 0, 155]], dtype=np.int32))))  # stretched
+    assert wide[0, :, 0].tolist() == [0, 100, 255]
+    unit = np.asarray(to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))))
+    assert unit[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_to_rgb_applies_exif_orientation():
+    import io
+
+    from real_world import ORIENTATION
+
+    img = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = img.getexif()
+    exif[ORIENTATION] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    photo = Image.open(io.BytesIO(buf.getvalue()))
+    assert photo.size == (40, 20)
+    upright = to_rgb(photo)
+    assert upright.size == (20, 40) and to_rgb(upright).size == (20, 40)  # applied once
+
+
+@pytest.mark.parametrize("policy", ["cifar", "randaugment", "simclr", "none", "eval", "moco_key"])
+def test_every_mode_and_size_becomes_the_input_size(policy):
+    """The pipelines take what decoders give: the CIFAR policy used to fail on images under 32 px with
+    'Required crop size (32, 32) is larger than input image size'."""
+    from real_world import odd_images
+
+    if policy == "eval":
+        tf, imagenet_tf = eval_transform(CIFAR_CFG), eval_transform(IMAGENET_CFG)
+    elif policy == "moco_key":
+        tf, imagenet_tf = moco_key_transform(32, MEAN, STD), moco_key_transform(224, MEAN, STD)
+    else:
+        tf, imagenet_tf = build_train_transform(policy, CIFAR_CFG), build_train_transform(policy, IMAGENET_CFG)
+    torch.manual_seed(0)
+    for name, (img, _, _) in odd_images().items():
+        out = tf(img)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all(), name
+        assert imagenet_tf(img).shape == (3, 224, 224), name
+
+
+def test_cifar_policy_is_unchanged_for_cifar_images():
+    """Fitting other sizes first leaves a 32x32 image to the released steps, bit for bit."""
+    img = _image(5)
+    torch.manual_seed(3)
+    ours = cifar_train_transform(MEAN, STD)(img)
+    torch.manual_seed(3)
+    released = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.AutoAugment(
+        T.AutoAugmentPolicy.CIFAR10), T.ToTensor(), T.Normalize(MEAN, STD), Cutout(1, 16)])(img)
+    assert torch.equal(ours, released)
+
+
+def test_dataset_decodes_every_kind_of_file():
+    from real_world import encode, odd_images
+
+    kinds = odd_images()
+    rows = [{"bytes": encode(img, fmt, opts), "path": None} for img, fmt, opts in kinds.values()]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})
+    ds = datasets.Dataset.from_dict({"image": rows, "label": [i % 2 for i in range(len(rows))]}, features=features)
+    train = TransformedImageDataset(ds, build_train_transform("cifar", CIFAR_CFG),
+                                    key_transform=moco_key_transform(32, MEAN, STD))
+    batch = next(iter(DataLoader(train, batch_size=len(rows))))
+    assert batch["pixel_values"].shape == batch["key_values"].shape == (len(rows), 3, 32, 32)
+    assert TransformedImageDataset(ds, eval_transform(IMAGENET_CFG))[0]["pixel_values"].shape == (3, 224, 224)

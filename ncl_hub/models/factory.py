@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Dict, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import timm
@@ -137,14 +139,15 @@ def check_trunks_match(state_dict: Dict[str, torch.Tensor], model: NCLModel, sou
     )
 
 
-def _filter_state_dict(state_dict: Dict[str, torch.Tensor], model: NCLModel) -> Dict[str, torch.Tensor]:
+def _filter_state_dict(state_dict: Dict[str, torch.Tensor], model: NCLModel,
+                       source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     """Make an NCL checkpoint fit ``model``: unwrap training checkpoints, drop or fill the MoCo branch,
     and refuse trunks that do not match (timm loads non-strictly when the class count changes)."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     if any(k.startswith("module.") for k in state_dict):
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    check_trunks_match(state_dict, model)
+    check_trunks_match(state_dict, model, source=source)
     own = model.state_dict()
     out = {k: v for k, v in state_dict.items() if not k.startswith("moco.") or k in own}
     # a checkpoint without MoCo loads into a model with one: the branch is re-derived from the trunks
@@ -154,15 +157,38 @@ def _filter_state_dict(state_dict: Dict[str, torch.Tensor], model: NCLModel) -> 
     return out
 
 
+def _read_local_weights(cfg: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The state dict a ``local-dir:`` folder or a ``file=`` override names, read by ``ncl_hub.files`` (a damaged
+    file is a DamagedFileError naming it), and the file's path."""
+    from .. import files
+
+    location = Path(cfg["file"])
+    path = files.find_weights(location) if location.is_dir() else location
+    if path is None or not path.is_file():
+        raise WeightsUnavailableError(f"no weights at '{location}': expected "
+                                      f"{' or '.join(files.WEIGHT_FILES) if location.is_dir() else 'that file'}")
+    fix = ("Copy or download it again, or export the model again (ncl_hub.hub.save_pretrained)."
+           if location.is_dir() else "Give the path of a complete safetensors (or torch.save) weight file.")
+    return files.read_weights(path, fix=fix), str(path)
+
+
 def _load_weights(model: NCLModel, cache_dir: Optional[str] = None, strict: bool = True) -> None:
+    from .. import files
+
     cfg = dict(model.pretrained_cfg)
     source, hub_id = cfg.get("source"), cfg.get("hf_hub_id")
-    if cfg.get("state_dict") is None and hub_id and source in (None, "", "hf-hub") and not cfg.get("file"):
-        from timm.models._hub import load_state_dict_from_hf
-
+    where = "checkpoint"
+    if cfg.get("state_dict") is None and cfg.get("file") and source in (None, "", "local-dir"):
+        state_dict, where = _read_local_weights(cfg)
+        cfg = dict(cfg, source=None, file=None, state_dict=state_dict)
+    elif cfg.get("state_dict") is None and hub_id and source in (None, "", "hf-hub"):
+        filename = cfg.get("hf_hub_filename") or "model.safetensors"
+        fix = "Export and upload the model again."
         try:
-            filename = cfg.get("hf_hub_filename") or "model.safetensors"
-            state_dict = load_state_dict_from_hf(hub_id, filename, weights_only=True, cache_dir=cache_dir)
+            state_dict = files.fetch_hub_file(hub_id, filename, lambda p: files.read_weights(p, fix=fix),
+                                              cache_dir=cache_dir)
+        except files.DamagedFileError:
+            raise
         except Exception as e:  # offline, unpublished repo, or a network failure
             arch = cfg.get("architecture", "ncl")
             raise WeightsUnavailableError(
@@ -174,8 +200,42 @@ def _load_weights(model: NCLModel, cache_dir: Optional[str] = None, strict: bool
                 f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'))."
             ) from e
         cfg = dict(cfg, source=None, state_dict=state_dict)
-    load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
-                    filter_fn=_filter_state_dict, strict=strict, cache_dir=cache_dir)
+        where = f"'{filename}' of Hub repo '{hub_id}'"
+    try:
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
+                        filter_fn=functools.partial(_filter_state_dict, source=where), strict=strict,
+                        cache_dir=cache_dir)
+    except RuntimeError as e:  # load_state_dict: missing or unexpected keys, shape mismatches of the heads
+        if isinstance(e, WeightsUnavailableError) or cfg.get("state_dict") is None:  # timm's "no weights", ...
+            raise
+        raise CheckpointMismatchError(
+            f"the weights in {where} do not fit the model its config describes ({_load_error_summary(e)}). The "
+            "weights and config.json come from different models: export the model again, or build it with the "
+            "weights' own architecture."
+        ) from e
+
+
+def _load_error_summary(error: Exception, shown: int = 2) -> str:
+    """The first problems of a ``load_state_dict`` error on one line (torch lists every tensor, one per line)."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    details = [line for line in lines[1:] if line] or lines[:1]
+    more = f"; and {len(details) - shown} more" if len(details) > shown else ""
+    return "; ".join(details[:shown]) + more
+
+
+_CLASS_INFO_ARGS = ("class_counts", "class_prior", "prior_strength")
+
+
+def _drop_saved_class_info(kwargs: Dict[str, Any]) -> None:
+    """An export's class counts and class prior describe its C classes: when the caller asks for another
+    ``num_classes`` (new heads), drop the ones that came from the export's config.json (timm passes its model_args
+    as ``pretrained_model_args`` and as defaults of ``kwargs``); ones the caller passed stay, and are checked."""
+    saved = kwargs.get("pretrained_model_args") or {}
+    if "num_classes" not in saved or kwargs.get("num_classes", saved["num_classes"]) == saved["num_classes"]:
+        return
+    for key in _CLASS_INFO_ARGS:
+        if key in saved and key in kwargs and kwargs[key] is saved[key]:
+            del kwargs[key]
 
 
 def _create_ncl(variant: str, pretrained: bool = False, **kwargs: Any) -> NCLModel:
@@ -183,6 +243,7 @@ def _create_ncl(variant: str, pretrained: bool = False, **kwargs: Any) -> NCLMod
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     cache_dir = kwargs.pop("cache_dir", None)
     kwargs.pop("pretrained_strict", None)
+    _drop_saved_class_info(kwargs)
     backbone = kwargs.get("backbone")
     if not backbone:
         raise ValueError(f"{variant!r} needs a backbone, e.g. timm.create_model('ncl', backbone='resnet50', ...)")

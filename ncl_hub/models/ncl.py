@@ -3,19 +3,22 @@
 An :class:`NCLModel` holds K independent timm trunks (built with ``num_classes=0``), one head per
 expert (linear or cosine), and optionally a MoCo-v2 branch per expert for training. Inference
 returns the mean of the experts' logits; ``forward_experts`` returns all of them, ``[K, B, C]``.
+An optional class prior (``set_class_prior``) adds ``tau * log(pi)`` to every inference output, never to the
+training forward (see :mod:`ncl_hub.priors`).
 """
 from __future__ import annotations
 
 import copy
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
+from ..priors import PriorSpec, check_prior, logit_adjustment, resolve_prior
 from .batched import EXPERT_EXECUTION, run_stacked
 
 __all__ = ["MocoConfig", "CosineClassifier", "MocoBranch", "NCLModel", "CLASSIFIERS"]
@@ -190,12 +193,20 @@ class NCLModel(nn.Module):
         moco: MoCo-v2 branch config (training only), or None.
         pretrained_backbone: start every trunk from the backbone's timm pretrained weights.
         in_chans: input channels.
+        class_counts: training images per class [C] (metadata: what ``class_prior="train"`` means; exports
+            store it).
+        class_prior: the class prior of the deployment, see :meth:`set_class_prior`. None: balanced logits.
+        prior_strength: tau of the prior adjustment.
         drop_rate: dropout before each head (timm's ``drop_rate`` of the trunk).
         **backbone_kwargs: passed to ``timm.create_model`` for each trunk.
 
     Shapes: ``forward_experts`` [K, B, C]; ``forward`` [B, C] (mean over experts);
     ``forward_head(pre_logits=True)`` [B, K * D] (the experts' pooled features, concatenated).
+    With a class prior, ``forward``, ``forward_head`` and ``forward_experts`` return logits + ``tau * log(pi)``;
+    ``forward_train`` (the loss path) never does.
     """
+
+    logit_adjustment: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -207,6 +218,9 @@ class NCLModel(nn.Module):
         moco: Union[None, dict, MocoConfig] = None,
         pretrained_backbone: bool = False,
         in_chans: int = 3,
+        class_counts: Optional[Sequence[float]] = None,
+        class_prior: PriorSpec = None,
+        prior_strength: float = 1.0,
         **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -238,6 +252,65 @@ class NCLModel(nn.Module):
         self.moco_cfg = moco_cfg
         self.backbone_kwargs = dict(backbone_kwargs)
         self.expert_execution = "sequential"
+        self.class_counts: Optional[List[Union[int, float]]] = None
+        self.class_prior: Union[None, str, List[float]] = None
+        self.prior_strength = 1.0
+        # tau * log(pi) [C], float; not in the state dict: config.json model_args rebuild it
+        self.register_buffer("logit_adjustment", None, persistent=False)
+        if class_counts is not None:
+            self.set_class_counts(class_counts)
+        self.set_class_prior(class_prior, prior_strength)
+
+    # ------------------------------------------------------------------ class prior
+    def set_class_counts(self, class_counts: Optional[Sequence[float]]) -> "NCLModel":
+        """Record the training images per class [C] (what ``class_prior="train"`` uses); None forgets them."""
+        if class_counts is None:
+            self.class_counts = None
+            return self
+        check_prior(class_counts, self.num_classes, "class_counts")
+        self.class_counts = [int(c) if float(c).is_integer() else float(c) for c in class_counts]
+        return self
+
+    def set_class_prior(self, prior: PriorSpec = None, strength: float = 1.0) -> "NCLModel":
+        """Adjust every inference output to a deployment class prior: logits + ``strength * log(pi)``.
+
+        Logit adjustment (Menon et al. 2021): NCL's logits estimate the balanced posterior, so for a test prior
+        pi the Bayes-optimal logits add ``log(pi)`` (``strength`` = 1). Applies to ``forward``, ``forward_head``,
+        ``forward_experts`` and every expert taken with :meth:`expert`; not to ``forward_train``.
+
+        Args:
+            prior: None (balanced, no adjustment), ``"uniform"`` (the same), ``"train"`` (the training class
+                frequencies, ``self.class_counts``), or C non-negative numbers, normalised here. A zero means the
+                class is never predicted (its logits become ``-inf``).
+            strength: tau >= 0; 0 turns the adjustment off.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: a wrong length, a negative, non-finite or all-zero prior, a negative or non-finite
+                strength, ``"train"`` without known class counts, or a prior on a model without classifier.
+        """
+        if prior is not None and self.num_classes == 0:
+            raise ValueError("this model has no classifier (num_classes=0); it cannot take a class prior")
+        resolved = resolve_prior(prior, self.num_classes, self.class_counts)
+        adjustment = logit_adjustment(resolved, strength)  # validates strength
+        self.prior_strength = float(strength)
+        if resolved is None:
+            self.class_prior = None
+        else:
+            self.class_prior = "train" if isinstance(prior, str) else resolved.tolist()
+        if adjustment is not None:
+            param = next(self.parameters(), None)
+            adjustment = adjustment.to(device=param.device if param is not None else None, dtype=torch.float32)
+        self.logit_adjustment = adjustment
+        return self
+
+    def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., C] logits plus the prior adjustment (unchanged without a prior)."""
+        if self.logit_adjustment is None:
+            return logits
+        return logits + self.logit_adjustment.to(logits.dtype)
 
     def set_expert_execution(self, mode: str) -> "NCLModel":
         """``"sequential"`` (default): the experts run one after the other. ``"batched"``: the K trunks, heads,
@@ -260,6 +333,11 @@ class NCLModel(nn.Module):
             classifier=self.classifier, cosine_scale=self.cosine_scale, in_chans=self.in_chans,
             **self.backbone_kwargs,
         )
+        if self.class_counts is not None:
+            args["class_counts"] = list(self.class_counts)
+        if self.class_prior is not None:
+            args["class_prior"] = self.class_prior if isinstance(self.class_prior, str) else list(self.class_prior)
+            args["prior_strength"] = self.prior_strength
         if include_moco and self.moco_cfg is not None:
             args["moco"] = asdict(self.moco_cfg)
         return args
@@ -270,7 +348,11 @@ class NCLModel(nn.Module):
         return self.heads
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New heads for ``num_classes`` on every expert (0 removes them); trunks are kept."""
+        """New heads for ``num_classes`` on every expert (0 removes them); trunks are kept. Another class count
+        also forgets the class counts and the class prior (they described the old classes)."""
+        if num_classes != self.num_classes:
+            self.class_counts = None
+            self.set_class_prior(None)
         self.num_classes = num_classes
         if global_pool is not None:
             for trunk in self.trunks:
@@ -311,7 +393,7 @@ class NCLModel(nn.Module):
         pooled = [trunk.forward_head(f, pre_logits=True) for trunk, f in zip(self.trunks, x.unbind(0))]
         if pre_logits or self.num_classes == 0:
             return torch.cat(pooled, dim=-1)
-        return torch.stack([head(f) for head, f in zip(self.heads, pooled)]).mean(0)
+        return self._adjust(torch.stack([head(f) for head, f in zip(self.heads, pooled)]).mean(0))
 
     def forward_pooled(self, x: torch.Tensor, trunks: Optional[Sequence[Callable]] = None) -> torch.Tensor:
         """[B, 3, H, W] -> each expert's pooled features [K, B, D]. ``trunks``: callables standing in for the
@@ -327,15 +409,16 @@ class NCLModel(nn.Module):
         return torch.stack([head(f) for head, f in zip(self.heads, pooled.unbind(0))])
 
     def forward_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> every expert's logits [K, B, C]."""
+        """[B, 3, H, W] -> every expert's logits [K, B, C] (prior-adjusted when a class prior is set)."""
         if self.num_classes == 0:
             raise RuntimeError("this model has no classifier (num_classes=0); use forward_pooled")
-        return self._heads(self.forward_pooled(x))
+        return self._adjust(self._heads(self.forward_pooled(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> ensemble logits [B, C] (mean of the experts' logits)."""
+        """[B, 3, H, W] -> ensemble logits [B, C] (mean of the experts' logits; prior-adjusted when a class prior
+        is set)."""
         if self.num_experts == 1:  # a single expert costs exactly its trunk and head
-            return self.heads[0](self.trunks[0](x))
+            return self._adjust(self.heads[0](self.trunks[0](x)))
         if self.num_classes == 0:
             return self.forward_pooled(x).permute(1, 0, 2).flatten(1)
         return self.forward_experts(x).mean(0)
@@ -353,9 +436,10 @@ class NCLModel(nn.Module):
                 see ``training.TrainStep.compile_trunks``); None runs the modules themselves.
 
         Returns:
-            dict with ``logits`` [K, B, C]; with MoCo and ``x_key``: ``query`` [K, B, dim],
-            ``key`` [K, B, dim] (no gradient) and ``queue`` [K, N, dim]. ``queue`` is the buffer itself
-            (no copy: it is large): enqueue the new keys only after the backward pass.
+            dict with ``logits`` [K, B, C] (raw: the class prior of :meth:`set_class_prior` is not added, the
+            loss needs the model's own logits); with MoCo and ``x_key``: ``query`` [K, B, dim], ``key`` [K, B, dim]
+            (no gradient) and ``queue`` [K, N, dim]. ``queue`` is the buffer itself (no copy: it is large):
+            enqueue the new keys only after the backward pass.
         """
         pooled = self.forward_pooled(x, trunks)
         out = {"logits": self._heads(pooled)}
