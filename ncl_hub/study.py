@@ -149,18 +149,29 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, train_script: Optional[Path] = None,
-              only: Optional[Sequence[str]] = None, log=print) -> List[Path]:
-    """Run every unfinished run of ``study`` (``jobs`` at a time, each in its own process with ``threads`` torch
-    threads, default: the CPU count divided by ``jobs``); finished runs are skipped, killed ones resumed.
+def _lock_owner(run_dir: Path) -> Optional[int]:
+    """The pid of a live process that holds ``run_dir`` (its ``.lock`` file), else None (a stale lock is ignored)."""
+    try:
+        pid = int((run_dir / ".lock").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
 
-    Returns the run folders that failed (their ``train.log`` says why); the others are finished.
+
+def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, train_script: Optional[Path] = None,
+              only: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None, log=print) -> List[Path]:
+    """Run every unfinished run of ``study`` (``jobs`` at a time, each in its own process with ``threads`` torch
+    threads, default: the CPU count divided by ``jobs``); finished runs are skipped, killed ones resumed, and runs
+    that another runner holds (a live ``.lock``) are left to it, so several runners can share one study.
+
+    Returns the run folders that failed (their ``train.log`` says why); the others are finished or held elsewhere.
     """
     script = Path(train_script or Path(__file__).resolve().parents[1] / "recipes" / "train.py")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     pending = []
     for method, seed in study.runs():
-        if only and method.name not in only:
+        if (only and method.name not in only) or (seeds is not None and seed not in seeds):
             continue
         run_dir = study.run_dir(method.name, seed)
         if is_finished(run_dir):
@@ -175,6 +186,10 @@ def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, tra
     while pending or running:
         while pending and len(running) < jobs:
             run_dir, argv = pending.pop(0)
+            owner = _lock_owner(run_dir)
+            if owner is not None or is_finished(run_dir):
+                log(f"skipped  {run_dir} ({'finished meanwhile' if owner is None else f'held by pid {owner}'})")
+                continue
             run_dir.mkdir(parents=True, exist_ok=True)
             logf = open(run_dir / "train.log", "a")
             logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {sys.executable} {script} "
@@ -182,6 +197,7 @@ def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, tra
             logf.flush()
             proc = subprocess.Popen([sys.executable, str(script), *argv, "--resume", "latest"], stdout=logf,
                                     stderr=subprocess.STDOUT, env=env)
+            (run_dir / ".lock").write_text(str(proc.pid))
             running.append((run_dir, proc, logf))
             log(f"started  {run_dir} (pid {proc.pid}, {threads} thread(s))")
         time.sleep(0.5)
@@ -191,6 +207,7 @@ def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, tra
                 continue
             running.remove(item)
             logf.close()
+            (run_dir / ".lock").unlink(missing_ok=True)
             if proc.returncode == 0 and is_finished(run_dir):
                 log(f"finished {run_dir}")
             else:

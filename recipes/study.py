@@ -41,6 +41,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")
     p.add_argument("--only", default=None, help="comma-separated method names to run")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the study's)")
     p.add_argument("--dry-run", action="store_true", help="print each run's train.py command and state")
     p.add_argument("--results-dir", default=str(REPO / "docs" / "results"), help="where study records go")
     p.add_argument("--markdown", default=str(REPO / "docs" / "results.md"), help="the generated results page")
@@ -60,7 +61,8 @@ def main(argv=None):
                 return 0
             if not args.report:
                 only = args.only.split(",") if args.only else None
-                failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only)
+                seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+                failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds)
             record = S.collect(study)
             record["machine"] = _machine()
             out = Path(args.results_dir)

@@ -103,6 +103,20 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_data):
     assert page.read_text() == text
 
 
+def test_runs_held_by_another_runner_are_left_to_it(tmp_path, tiny_data):
+    import os
+
+    study = S.load_study(_write_study(tmp_path, tiny_data, seeds=[0]))
+    held = study.run_dir("ncl", 0)
+    held.mkdir(parents=True)
+    (held / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    lines = []
+    assert S.run_study(study, only=["ncl"], log=lines.append) == []
+    assert any("held by pid" in line for line in lines) and not (held / "train.log").exists()
+    (held / ".lock").write_text("999999999")  # a stale lock (no such process) is ignored
+    assert S._lock_owner(held) is None
+
+
 def test_changed_settings_are_not_resumed_into_an_old_run(tmp_path, tiny_data):
     path = _write_study(tmp_path, tiny_data, seeds=[0])
     study = S.load_study(path)
