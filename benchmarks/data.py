@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Input pipeline throughput (not part of the test suite): image decode + the CIFAR policy (crop, flip,
 AutoAugment, Cutout) + the MoCo key view, built by the trainer's own functions (``build_data`` and
-``build_train_loader`` of ``ncl_hub.training`` with ``recipes/configs/cifar10_lt_if100.yaml``: long-tailed
+``build_train_loader`` of ``ncl_hub.data`` with ``recipes/configs/cifar10_lt_if100.yaml``: long-tailed
 CIFAR-10 from the shared parquet with the validation hold-out, per-sample seeded augmentation, the sampler and
 DataLoader), with no training running. Compare its images/s with the training step's
 (benchmarks/train_step.py): the target is at least 3x.
@@ -27,7 +27,8 @@ CONFIG = REPO / "recipes" / "configs" / "cifar10_lt_if100.yaml"
 
 def measure(data_dir: Path, workers: int, batch: int, batches: int, key_view: bool) -> dict:
     from ncl_hub.config import parse_args
-    from ncl_hub.training import build_data, build_model, build_train_loader
+    from ncl_hub.data import build_data, build_train_loader
+    from ncl_hub.training import build_model
 
     cfg = parse_args(["--config", str(CONFIG), "--data.dataset", str(data_dir), "--data.num_workers", str(workers),
                       "--data.batch_size", str(batch), "--moco.enabled", str(key_view).lower()])

@@ -32,8 +32,8 @@ LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int], Any]
 
 def _as_labels(labels: LabelsLike) -> torch.Tensor:
     if hasattr(labels, "column_names"):  # a datasets.Dataset: read its label column, no image decoding
-        from .data import _label_array
-        labels = _label_array(labels)
+        from .data import label_array
+        labels = label_array(labels)
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu()
     else:
