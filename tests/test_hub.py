@@ -278,7 +278,7 @@ def test_interrupted_save_keeps_previous_export(tmp_path, tiny, monkeypatch):
         assert list(tmp_path.glob(".ens.tmp-*")), "the temporary folder exists while writing"
         raise KeyboardInterrupt("simulated interruption while writing the card")
 
-    monkeypatch.setattr(hub, "render_model_card", interrupted)
+    monkeypatch.setattr(hub.export, "render_model_card", interrupted)
     other = timm.create_model("ncl_tiny_test")
     with pytest.raises(KeyboardInterrupt):
         hub.save_pretrained(other, folder)

@@ -19,10 +19,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import load_pretrained
 
-from .ncl import MocoConfig, NCLModel, classifier_names
+from .moco import MocoConfig
+from .ncl import NCLModel, classifier_names
 
-__all__ = ["create_model", "HUB_ORG", "PAPER_MODELS", "WeightsUnavailableError", "CheckpointMismatchError",
-           "check_trunks_match"]
+__all__ = ["create_model", "HUB_ORG", "PAPER_MODELS", "INPUT_KEYS", "WeightsUnavailableError",
+           "CheckpointMismatchError", "check_trunks_match", "structure_cfg", "trunk_input_cfg"]
 
 _logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ HUB_ORG = "ncl-hub"
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # the backbone-independent part of a pretrained_cfg that an NCL model copies from its trunk
-_INPUT_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation",
+INPUT_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation",
                "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "test_pool_size")
 
 
@@ -53,15 +54,16 @@ PAPER_MODELS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _trunk_input_cfg(backbone: str) -> Dict[str, Any]:
+def trunk_input_cfg(backbone: str) -> Dict[str, Any]:
+    """The input pipeline (size, mean, std, crop, ...) of a backbone's own pretrained_cfg."""
     cfg = timm.models.get_pretrained_cfg(backbone)
     if cfg is None:
         return {}
     cfg = cfg.to_dict(remove_source=True, remove_null=True)
-    return {k: cfg[k] for k in _INPUT_KEYS if k in cfg}
+    return {k: cfg[k] for k in INPUT_KEYS if k in cfg}
 
 
-def _structure_cfg(backbone: str, num_experts: int) -> Dict[str, Any]:
+def structure_cfg(backbone: str, num_experts: int) -> Dict[str, Any]:
     """classifier/first_conv names of a K-expert model, from the trunk's pretrained_cfg."""
     cfg = timm.models.get_pretrained_cfg(backbone)
     first = getattr(cfg, "first_conv", None) if cfg is not None else None
@@ -252,8 +254,8 @@ def _create_ncl(variant: str, pretrained: bool = False, **kwargs: Any) -> NCLMod
     num_experts = kwargs.setdefault("num_experts", 3)
     if not isinstance(pretrained_cfg, dict) and variant == "ncl":
         # the generic entrypoint takes its input pipeline from the backbone's own pretrained_cfg
-        overlay = {**_trunk_input_cfg(backbone), "num_classes": kwargs.get("num_classes", 1000), **overlay}
-    overlay = {**_structure_cfg(backbone, num_experts), **overlay}
+        overlay = {**trunk_input_cfg(backbone), "num_classes": kwargs.get("num_classes", 1000), **overlay}
+    overlay = {**structure_cfg(backbone, num_experts), **overlay}
     model = build_model_with_cfg(
         NCLModel, variant, pretrained=False, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
         **kwargs,
