@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Publish a training run to the Hugging Face Hub: the ensemble and the expert selected on the validation split.
 
     python recipes/publish.py OUTPUT_DIR --repo-id ORG/NAME [--private] [--dry-run] [--format ncl|timm]
@@ -6,32 +7,26 @@ Creates ORG/NAME (the ensemble) and ORG/NAME-expert (the single expert), staging
 With --dry-run nothing leaves the machine. The token comes from HF_TOKEN or `hf auth login`; there is deliberately
 no --token flag, so it never lands in shell history or process listings. All logic is in ncl_hub.hub.publish.
 """
-from __future__ import annotations
-
-import argparse
 import json
-from typing import Any, Dict, Optional, Sequence
+import sys
+from pathlib import Path
 
-from ncl_hub.hub import FORMATS, publish
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", help="training output folder (best/, eval/, run_info.json, export/)")
-    parser.add_argument("--repo-id", required=True, help="Hub repo of the ensemble, ORG/NAME; the expert goes to "
-                                                         "ORG/NAME-expert")
-    parser.add_argument("--private", action="store_true", help="create private repos")
-    parser.add_argument("--dry-run", action="store_true", help="only stage the folders under OUTPUT_DIR/publish/")
-    parser.add_argument("--format", choices=FORMATS, default="ncl",
-                        help="format of the expert repo: ncl (needs `import ncl_hub`) or plain timm")
-    parser.add_argument("--commit-message", default=None, help="commit message of both uploads")
-    return parser.parse_args(argv)
+from ncl_hub.config import ConfigError, parse_options  # noqa: E402
+from ncl_hub.hub import PublishOptions, publish  # noqa: E402
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv)
-    result = publish(args.output_dir, args.repo_id, private=args.private, dry_run=args.dry_run, format=args.format,
-                     commit_message=args.commit_message)
+def main(argv=None):
+    try:
+        opts, _ = parse_options(PublishOptions, sys.argv[1:] if argv is None else list(argv),
+                                positional=["output_dir"], description=__doc__)
+        result = publish(opts.output_dir, opts.repo_id, private=opts.private, dry_run=opts.dry_run,
+                         format=opts.format, commit_message=opts.commit_message)
+    except ConfigError as e:
+        if argv is not None:
+            raise
+        sys.exit(f"error: {e}")
     print(json.dumps(result, indent=2))
     return result
 

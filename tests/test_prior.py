@@ -441,7 +441,7 @@ def test_evaluate_recipe_prior_from_file_and_from_the_export(trained_run, tmp_pa
     (tmp_path / "short.txt").write_text("1 2 3")
     with pytest.raises(ConfigError, match="has 3 entries but the model has 4 classes"):
         evaluate_recipe.main([str(run), "--class-prior", str(tmp_path / "short.txt")])
-    with pytest.raises(SystemExit, match="--prior-strength needs a number"):
+    with pytest.raises(ConfigError, match="'prior_strength' expects float, got 'strong'"):
         evaluate_recipe.main([str(run), "--prior-strength", "strong"])
     # an export that carries the prior is evaluated with it, the same as --class-prior on the plain export
     model = hub.load_model(run / "export" / "ensemble").set_class_prior("train")
