@@ -94,7 +94,7 @@ def _build(setting: dict, mode: str, device: str, accelerator):
 
     import ncl_hub
     from ncl_hub.losses import NCLLoss
-    from ncl_hub.training import StepRunner, TrainStep
+    from ncl_hub.training import ModelWithLoss, StepRunner
 
     K, C = setting["num_experts"], setting["num_classes"]
     model = ncl_hub.create_model(setting["backbone"], num_classes=C, num_experts=K,
@@ -105,7 +105,7 @@ def _build(setting: dict, mode: str, device: str, accelerator):
                                 nesterov=True, weight_decay=2e-4)
     if mode.startswith("batched"):
         model.set_expert_execution("batched")
-    step_module, optimizer = accelerator.prepare(TrainStep(model, criterion), optimizer)
+    step_module, optimizer = accelerator.prepare(ModelWithLoss(model, criterion), optimizer)
     step_module.train()
     return StepRunner(accelerator, step_module, optimizer, compile=mode != "eager" and mode != "batched",
                       compile_scope="step" if mode == "compiled_step" else "trunks")

@@ -77,10 +77,10 @@ def tiny_data(tmp_path_factory) -> Path:
 def step_runner(model, accelerator, class_counts, **runner_kwargs):
     """A StepRunner over ``model`` with the NCL loss and the recipe's SGD settings (lr 0.05)."""
     from ncl_hub.losses import NCLLoss
-    from ncl_hub.training import StepRunner, TrainStep
+    from ncl_hub.training import ModelWithLoss, StepRunner
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-4)
-    return StepRunner(accelerator, TrainStep(model, NCLLoss(class_counts, validate_targets=False)), opt,
+    return StepRunner(accelerator, ModelWithLoss(model, NCLLoss(class_counts, validate_targets=False)), opt,
                       **runner_kwargs)
 
 
