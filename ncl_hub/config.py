@@ -1,29 +1,28 @@
-"""Run configuration: typed dataclasses (a default and a help text per field), read by jsonargparse as
-defaults <- YAML file (``--config``) <- ``--section.key value``.
+"""Run configuration: typed dataclasses, a default and a help text (the docstring under it) per field, merged as
+defaults <- YAML file (``--config``) <- ``--section.key value`` by :mod:`ncl_hub.cli` (jsonargparse).
 
-jsonargparse owns the types and values: it converts and checks every value against its field's type (``Literal``
-choices, ``Optional``, lists; numbers such as ``5e-2`` are floats), builds the dataclasses and writes ``--help``
-from the docstring under each field. A thin layer here keeps what this project's command lines rely on and
-jsonargparse does not do: a leaf name that is unique across sections may be used alone (``--epochs 3``,
-``--lr 0.05``), a misspelled key is answered with the nearest valid ones, keys of earlier versions name what
-replaced them, flags take no value (``--overwrite``; ``--resume`` alone means ``latest``), a list option may be
-given one value at a time, and every problem is one :class:`ConfigError` naming the key. The same layer reads the
-options of ``recipes/evaluate.py`` and ``recipes/publish.py`` (:func:`parse_options`).
+A leaf name that is unique across sections may be used alone (``--lr 0.05``, ``--epochs 3``); unknown keys and
+values of the wrong type are errors that name the key, suggest close matches and say what was expected.
+``python recipes/train.py --help`` lists every key with its type, default and help.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
-import re
+import json
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 
+from .cli import (
+    ConfigError, cli_pairs, data_layer, describe as _describe, expects, leaves, parse, parse_options, read_yaml,
+    resolve_key,
+)
 from .models.moco import MocoConfig
 
 __all__ = [
@@ -35,12 +34,6 @@ __all__ = [
 # Linear warm-up of the default and of every shipped config, in optimizer steps; shorter runs are warned
 # (training.describe_schedule). Measured: docs/results.md, "Warm-up".
 WARMUP_STEPS_DEFAULT = 500
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any training starts."""
 
 
 @dataclass
@@ -234,193 +227,9 @@ _RENAMED = {
     "warmup_epochs": "optim.warmup_steps (the warm-up is counted in optimizer steps)",
 }
 # options that may be given without a value, and what they mean then (every bool option means true)
-_BARE_VALUES = {"resume": "latest"}
+_BARE = {"resume": "latest"}
 _HELP = ("Values merge as defaults <- --config YAML <- --key value. A key's last part may be used alone where it "
          "is unique (--epochs 3, --lr 0.05); flags take no value (--overwrite); --resume alone means latest.")
-
-
-# ---------------------------------------------------------------------------------------------- keys
-@functools.lru_cache(maxsize=None)
-def _leaves(cls: type) -> Dict[str, Any]:
-    """Every leaf of a (nested) options dataclass: dotted path -> type."""
-    out: Dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update({f"{f.name}.{k}": v for k, v in _leaves(hints[f.name]).items()})
-        else:
-            out[f.name] = hints[f.name]
-    return out
-
-
-def _sections(cls: type) -> set:
-    return {path.split(".")[0] for path in _leaves(cls) if "." in path}
-
-
-def _resolve_key(key: str, leaves: Dict[str, Any], *, shortcuts: bool = True) -> str:
-    """The dotted path ``key`` names: itself, or the one leaf that ends in it; else a ConfigError that names the
-    replacement of an old key, the candidates of an ambiguous one, or the nearest valid keys."""
-    key = key.replace("-", "_")
-    if key in _RENAMED:
-        raise ConfigError(f"config key {key!r} was replaced by {_RENAMED[key]}")
-    if key in leaves:
-        return key
-    matches = [p for p in leaves if p.split(".")[-1] == key] if shortcuts else []
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ConfigError(f"config key {key!r} is ambiguous: write one of {matches}")
-    names = list(leaves) + ([p.split(".")[-1] for p in leaves] if shortcuts else [])
-    close = difflib.get_close_matches(key, list(dict.fromkeys(names)), n=4)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"unknown config key {key!r}.{hint} Run with --help to list every key.")
-
-
-def _flatten(data: Dict[str, Any], sections: set, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and path in sections:
-            out.update(_flatten(value, sections, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _is_bool(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) is Union and set(typing.get_args(tp)) == {bool, type(None)})
-
-
-def _is_list(tp: Any) -> bool:
-    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else [tp]
-    return any(typing.get_origin(a) in (list, List) for a in inner)
-
-
-def _cli_pairs(argv: Sequence[str], leaves: Dict[str, Any], positional: Sequence[str] = ()) -> Dict[str, Any]:
-    """``--key value`` / ``--key=value`` / bare flags -> {dotted path: text}; a list option given several times
-    (or one value at a time) collects its values. Leading bare arguments fill ``positional`` in order."""
-    pairs: Dict[str, Any] = {}
-    argv, i = list(argv), 0
-    for name in positional:
-        if i < len(argv) and not argv[i].startswith("--"):
-            pairs[name], i = argv[i], i + 1
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options are --key value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        path = key if key == "config" else _resolve_key(key, leaves)
-        if eq:
-            i += 1
-        elif (nxt is None or nxt.startswith("--")) and (path in _BARE_VALUES or _is_bool(leaves.get(path))):
-            value, i = _BARE_VALUES.get(path, "true"), i + 1
-        elif nxt is None:
-            raise ConfigError(f"option --{key} needs a value")
-        else:
-            value, i = nxt, i + 2
-        if path in leaves and _is_list(leaves[path]) and not value.lstrip().startswith("["):
-            pairs[path] = [*pairs.get(path, []), value] if isinstance(pairs.get(path), list) else [value]
-        else:
-            pairs[path] = value
-    return pairs
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-@functools.lru_cache(maxsize=None)
-def _parser(cls: type, description: str = _HELP):
-    from jsonargparse import ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each field's help is the docstring under it
-    parser = ArgumentParser(prog=Path(sys.argv[0]).name, description=description, exit_on_error=False,
-                            allow_abbrev=False)
-    if cls is RunConfig:
-        parser.add_argument("--config", type=Optional[str], help="YAML file of values (sections as mappings)")
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True)
-    defaults = parser.get_defaults()
-    missing = [path for path in _leaves(cls) if path not in defaults]
-    if missing:  # jsonargparse skips a class it cannot inspect (e.g. its module is not in sys.modules)
-        raise TypeError(f"jsonargparse made no option of {sorted(missing)} of {cls.__qualname__}")
-    return parser
-
-
-def _expects(key: str, tp: Any, value: Any) -> str:
-    choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
-    if choices:
-        names = [str(c) for c in choices]
-        return f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}"
-    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else [tp]
-    name = " or ".join(getattr(a, "__name__", None) or str(a).replace("typing.", "") for a in inner)
-    return f"config key {key!r} expects {name}, got {value!r}"
-
-
-def _parse(cls: Type[T], layers: Sequence[Tuple[str, Dict[str, Any]]], base: Optional[T] = None) -> T:
-    """Merge ``layers`` (source, {dotted path: value or command-line text}) over ``base`` (default: the defaults)
-    with jsonargparse and build the dataclass; a bad value is a ConfigError naming its source and key."""
-    from jsonargparse import ArgumentError
-
-    parser, leaves = _parser(cls), _leaves(cls)
-    ns = parser.get_defaults() if base is None else parser.parse_object(config_to_dict(base))
-    for source, values in layers:
-        values = {k: v for k, v in values.items() if k != "config"}
-        try:
-            if source == "command line":
-                args = [a for k, v in values.items() for a in (f"--{k}", _cli_text(v, leaves[k]))]
-                ns = parser.parse_args(args, namespace=ns)
-            else:
-                ns = parser.parse_object(_nest(values), namespace=ns)
-        except ArgumentError as e:
-            match = re.search(r'Parser key "([^"]+)"', str(e))
-            key = match.group(1) if match else None
-            if key in leaves:
-                raise ConfigError(f"{source}: {_expects(key, leaves[key], values.get(key))}") from None
-            raise ConfigError(f"{source}: {str(e).strip()}") from None
-    try:
-        built = parser.instantiate(ns)
-        return cls(**{f.name: built[f.name] for f in dataclasses.fields(cls)})
-    except (TypeError, ValueError) as e:  # a dataclass's own check (MocoConfig)
-        raise ConfigError(str(e)) from None
-
-
-def _cli_text(value: Any, tp: Any) -> str:
-    if isinstance(value, list):  # collected one value at a time
-        return "[" + ", ".join(value) + "]"
-    optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
-    return "null" if optional and value.strip() in ("none", "None", "~") else value
-
-
-def _read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a damaged or foreign file: name it, not a traceback
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix or replace it") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
-    return data
-
-
-def _data_layer(data: Dict[str, Any], source: str) -> Tuple[str, Dict[str, Any]]:
-    """A mapping of values (a YAML file, a saved config) with every key checked."""
-    leaves = _leaves(RunConfig)
-    try:
-        return source, {_resolve_key(k, leaves, shortcuts=False): v
-                        for k, v in _flatten(data, _sections(RunConfig)).items()}
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, base: Optional[RunConfig] = None) -> RunConfig:
@@ -430,46 +239,31 @@ def parse_args(argv: Optional[Sequence[str]] = None, base: Optional[RunConfig] =
     if "-h" in argv or "--help" in argv:
         print(describe())
         raise SystemExit(0)
-    pairs = _cli_pairs(argv, _leaves(RunConfig))
-    layers = [_data_layer(_read_yaml(pairs["config"]), str(pairs["config"]))] if pairs.get("config") else []
-    return _parse(RunConfig, [*layers, ("command line", pairs)], base)
+    pairs = cli_pairs(argv, RunConfig, bare=_BARE, renamed=_RENAMED)
+    layers = [_file_layer(pairs["config"])] if pairs.get("config") else []
+    return parse(RunConfig, [*layers, ("command line", pairs)], base)
+
+
+def _file_layer(path: Union[str, Path]):
+    return data_layer(RunConfig, read_yaml(path), str(path), _RENAMED)
 
 
 def load_config(path: Union[str, Path], base: Optional[RunConfig] = None) -> RunConfig:
     """A YAML file (plain data, sections as nested mappings) merged over ``base`` (default: the defaults)."""
-    return _parse(RunConfig, [_data_layer(_read_yaml(path), str(path))], base)
+    return parse(RunConfig, [_file_layer(path)], base)
 
 
 def config_from_dict(data: Dict[str, Any]) -> RunConfig:
     """A saved config (``config_to_dict``'s layout, e.g. a run's config.yaml) merged over the defaults."""
-    return _parse(RunConfig, [_data_layer(data, "saved config")])
+    return parse(RunConfig, [data_layer(RunConfig, data, "saved config", _RENAMED)])
 
 
 def apply_overrides(cfg: RunConfig, values: Dict[str, Any]) -> RunConfig:
-    """``cfg`` with ``{key: command-line text}`` applied (keys as on the command line); ``cfg`` is unchanged."""
-    leaves = _leaves(RunConfig)
-    return _parse(RunConfig, [("command line", {_resolve_key(k, leaves): v for k, v in values.items()})], cfg)
-
-
-def parse_options(cls: Type[T], argv: Sequence[str], *, positional: Sequence[str] = (), description: str = "",
-                  overrides_of: Optional[type] = None) -> Tuple[T, Dict[str, Any]]:
-    """A recipe's own options (a dataclass) from ``argv``, read like the training options.
-
-    Returns ``(options, overrides)``: with ``overrides_of`` (e.g. RunConfig), keys that are not options of ``cls``
-    but keys of ``overrides_of`` are returned as ``{dotted path: text}`` for :func:`apply_overrides`.
-    """
-    if "-h" in argv or "--help" in argv:
-        print(_parser(cls, description).format_help())
-        raise SystemExit(0)
-    own = _leaves(cls)
-    other = _leaves(overrides_of) if overrides_of is not None else {}
-    known = {**other, **own}
-    pairs = _cli_pairs(argv, known, positional)
-    missing = [f"{name}" for name in positional if name not in pairs]
-    if missing:
-        raise ConfigError(f"missing {', '.join(missing).upper()} (see --help)")
-    mine = {k: v for k, v in pairs.items() if k in own}
-    return _parse(cls, [("command line", mine)]), {k: v for k, v in pairs.items() if k not in own}
+    """``cfg`` with ``values`` applied: ``{key as on the command line: its text, or a value}``; ``cfg`` is unchanged."""
+    known = leaves(RunConfig)
+    pairs = {resolve_key(k, known, renamed=_RENAMED): v if isinstance(v, str) else json.dumps(v)
+             for k, v in values.items()}
+    return parse(RunConfig, [("command line", pairs)], cfg)
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
@@ -482,16 +276,16 @@ def save_config(cfg: RunConfig, path: Union[str, Path]) -> None:
 
 def describe() -> str:
     """Every key with its type, default and help (the --help text)."""
-    return _parser(RunConfig).format_help()
+    return _describe(RunConfig, _HELP, config_file=True)
 
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_config(cfg: RunConfig) -> None:
     """Checks of values that need neither data nor processes (run before Accelerate starts)."""
-    for path, tp in _leaves(RunConfig).items():  # also for configs built in code, not parsed
+    for path, tp in leaves(RunConfig).items():  # also for configs built in code, not parsed
         value = functools.reduce(getattr, path.split("."), cfg)
         if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
-            raise ConfigError(_expects(path, tp, value))
+            raise ConfigError(expects(path, tp, value))
     checks = [
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (0 < cfg.loss.hard_ratio < 1, f"loss.hard_ratio must be in (0, 1), got {cfg.loss.hard_ratio}"),

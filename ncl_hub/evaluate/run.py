@@ -20,8 +20,10 @@ __all__ = ["EvaluateOptions", "evaluate_run", "predict", "record_absent_classes"
 
 @dataclass
 class EvaluateOptions:
-    """The options of ``recipes/evaluate.py``: what to evaluate, on which splits, under which class prior; any
-    training key (``--data.dataset``, ...) overrides the run's saved configuration."""
+    """recipes/evaluate.py: what to evaluate, on which splits, under which class prior
+
+    Any training key (``--data.dataset``, ...) overrides the run's saved configuration.
+    """
 
     path: str
     """a training output folder (config.yaml + best/) or an export folder (config.json)"""

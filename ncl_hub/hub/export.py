@@ -85,15 +85,12 @@ def save_pretrained(
     check_json_args(args)
     rebuilt = _rebuild(saved, args)
     selected = metrics.get("selected_expert", run_info.get("selected_expert"))
-    model_config: Dict[str, Any] = {"ncl": _ncl_section(
-        rebuilt, fmt="ncl", variant=variant, expert_index=expert_index if variant == "expert" else None,
-        selected_expert=selected, source_num_experts=source_k, num_params=rebuilt.num_inference_params(),
-        class_counts=class_counts)}
-    if class_names is not None:
-        model_config["label_names"] = list(class_names)
-    return _write_export(rebuilt, Path(folder), model_config=model_config, model_args=args, config=config,
-                         plots_dir=plots_dir, card=dict(metrics=metrics or None, training_config=config,
-                                                        run_info=run_info or None, command=command, repo_id=repo_id))
+    ncl = _ncl_section(rebuilt, fmt="ncl", variant=variant, expert_index=expert_index if variant == "expert" else None,
+                       selected_expert=selected, source_num_experts=source_k, num_params=rebuilt.num_inference_params(),
+                       class_counts=class_counts)
+    return _write_export(rebuilt, Path(folder), ncl=ncl, class_names=class_names, model_args=args,
+                         card=dict(metrics=metrics, training_config=config, run_info=run_info, command=command,
+                                   repo_id=repo_id), plots_dir=plots_dir)
 
 
 def _rebuild(model: NCLModel, args: Dict[str, Any]) -> NCLModel:
@@ -139,15 +136,12 @@ def export_timm(
     data_config = {k: src_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                    if k in src_cfg}
     selected = metrics.get("selected_expert", run_info.get("selected_expert"))
-    model_config: Dict[str, Any] = {"ncl": _ncl_section(
-        model, fmt="timm", variant="expert", expert_index=expert_index, selected_expert=selected,
-        source_num_experts=model.num_experts, num_params=sum(p.numel() for p in plain.parameters()),
-        class_counts=class_counts)}
-    if class_names is not None:
-        model_config["label_names"] = list(class_names)
-    return _write_export(plain, Path(folder), model_config=model_config, data_config=data_config, config=config,
-                         plots_dir=plots_dir, card=dict(metrics=metrics or None, training_config=config,
-                                                        run_info=run_info or None, command=command, repo_id=repo_id))
+    ncl = _ncl_section(model, fmt="timm", variant="expert", expert_index=expert_index, selected_expert=selected,
+                       source_num_experts=model.num_experts, num_params=sum(p.numel() for p in plain.parameters()),
+                       class_counts=class_counts)
+    return _write_export(plain, Path(folder), ncl=ncl, class_names=class_names, data_config=data_config,
+                         card=dict(metrics=metrics, training_config=config, run_info=run_info, command=command,
+                                   repo_id=repo_id), plots_dir=plots_dir)
 
 
 def _check_plain_exportable(model: NCLModel, expert_index: int) -> None:
@@ -217,15 +211,20 @@ def _input_cfg(model: NCLModel) -> Dict[str, Any]:
     return cfg
 
 
-def _write_export(model: nn.Module, folder: Path, *, model_config: Dict[str, Any], card: Dict[str, Any],
-                  config: Optional[dict], plots_dir, model_args: Optional[Dict[str, Any]] = None,
+def _write_export(model: nn.Module, folder: Path, *, ncl: Dict[str, Any], class_names: Optional[Sequence[str]],
+                  card: Dict[str, Any], plots_dir, model_args: Optional[Dict[str, Any]] = None,
                   data_config: Optional[Dict[str, Any]] = None) -> Path:
-    """Weights and config.json with timm's ``save_for_hf``, then training_config.yaml, the plots and the card, into
-    a temporary folder that replaces ``folder`` once complete."""
+    """Weights and config.json with timm's ``save_for_hf`` (the ``ncl`` section and the label names under
+    ``model_config``), then training_config.yaml, the plots and the card (``card``: render_model_card's records),
+    into a temporary folder that replaces ``folder`` once complete."""
+    model_config: Dict[str, Any] = {"ncl": ncl}
+    if class_names is not None:
+        model_config["label_names"] = list(class_names)
+    card = dict(card, metrics=card["metrics"] or None, run_info=card["run_info"] or None)  # none recorded
     with atomic_folder(folder) as tmp:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
-        plots = _write_extras(tmp, config=config, plots_dir=plots_dir)
+        plots = _write_extras(tmp, config=card["training_config"], plots_dir=plots_dir)
         text = render_model_card(read_json_file(tmp / CONFIG_NAME), plots=plots, folder_name=folder.name, **card)
         (tmp / "README.md").write_text(text, encoding="utf-8")
     return folder

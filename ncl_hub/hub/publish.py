@@ -24,7 +24,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class PublishOptions:
-    """The options of ``recipes/publish.py``: which run to publish, where, and how."""
+    """recipes/publish.py: which run to publish, where, and how"""
 
     output_dir: str
     """training output folder (best/, eval/, run_info.json, export/)"""
