@@ -97,7 +97,8 @@ def _rebuild(model: NCLModel, args: Dict[str, Any]) -> NCLModel:
     """``timm.create_model('ncl', **args)`` holding ``model``'s inference weights: exactly the model the export's
     config.json rebuilds (no MoCo branch), with ``model``'s input pipeline."""
     overlay = {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if k in INPUT_KEYS}
-    rebuilt = timm.create_model("ncl", pretrained_cfg_overlay=dict(overlay, tag=None), **args)
+    with torch.random.fork_rng(devices=[]):  # initialising it must not move the caller's RNG (a run saves best/)
+        rebuilt = timm.create_model("ncl", pretrained_cfg_overlay=dict(overlay, tag=None), **args)
     rebuilt.load_state_dict(model.inference_state_dict(), strict=True)
     return rebuilt.train(False)
 
@@ -170,8 +171,9 @@ def _plain_expert(model: NCLModel, expert_index: int) -> nn.Module:
     """``timm.create_model(backbone, num_classes=C)`` holding expert ``expert_index``'s trunk and head, checked to
     give the expert's logits; on the CPU, in eval mode."""
     backbone, head, trunk = model.backbone, model.heads[expert_index], model.trunks[expert_index]
-    plain = timm.create_model(backbone, num_classes=model.num_classes, in_chans=model.in_chans,
-                              **model.backbone_kwargs)
+    with torch.random.fork_rng(devices=[]):  # initialising it must not move the caller's RNG
+        plain = timm.create_model(backbone, num_classes=model.num_classes, in_chans=model.in_chans,
+                                  **model.backbone_kwargs)
     result = plain.load_state_dict(trunk.state_dict(), strict=False)
     classifier = plain.get_classifier()
     head_params = {id(p) for p in classifier.parameters()}
