@@ -270,6 +270,17 @@ def test_non_json_model_args_clear_error(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_leaves_the_global_rng_alone(tmp_path, tiny):
+    """A run exports best/ between epochs: building the model that save_for_hf writes must not move the RNG that
+    draws the next epoch's random anchor experts."""
+    plain = timm.create_model("ncl", backbone="test_resnet", num_classes=3, num_experts=2)
+    state = torch.get_rng_state()
+    hub.save_pretrained(tiny, tmp_path / "ens")
+    hub.save_pretrained(tiny, tmp_path / "exp", variant="expert", expert_index=1)
+    hub.export_timm(plain, tmp_path / "plain")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_interrupted_save_keeps_previous_export(tmp_path, tiny, monkeypatch):
     folder = hub.save_pretrained(tiny, tmp_path / "ens", metrics=make_metrics())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
