@@ -13,12 +13,21 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import datasets
 import numpy as np
+
+try:
+    import datasets
+except ImportError:  # the benchmarks' image lists need it; the rest of ncl_hub.data imports without it
+    datasets = None
 
 __all__ = ["BENCHMARKS", "load_benchmark", "load_inaturalist", "load_split_file"]
 
 _logger = logging.getLogger(__name__)
+
+
+def _need_datasets() -> None:
+    if datasets is None:
+        raise ImportError("the long-tailed benchmarks' image lists need the datasets package: pip install datasets")
 
 
 def _path_dataset(paths: Sequence[str], labels: np.ndarray, class_label: datasets.ClassLabel) -> datasets.Dataset:
@@ -89,6 +98,7 @@ def load_split_file(
     Returns:
         Dataset [N rows] with ``image`` and ``label`` (ClassLabel).
     """
+    _need_datasets()
     rel_paths, labels = _read_split_file(split_file)
     class_label = _class_label(num_classes, class_names, labels, str(split_file))
     return _path_dataset(_join(root, rel_paths), labels, class_label)
@@ -140,6 +150,7 @@ def load_inaturalist(root: Union[str, Path], annotation_json: Union[str, Path]) 
         Dataset with ``image`` (paths cast to ``datasets.Image()``) and ``label``: the position of the category id
         among the sorted ``categories`` ids, named by ``name`` (without ``categories``: the id itself, names "0"..).
     """
+    _need_datasets()
     files, category_ids, categories = _read_inaturalist(annotation_json)
     return _inat_dataset(root, files, category_ids, categories, str(annotation_json))
 
@@ -168,6 +179,7 @@ def load_benchmark(name: str, root: Union[str, Path], split_dir: Optional[Union[
         DatasetDict with the splits found among "train", "val", "test" (train is required), sharing one
         ClassLabel (C = the largest label of all splits + 1 for the text lists).
     """
+    _need_datasets()
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
     split_dir = Path(split_dir if split_dir is not None else root).expanduser()

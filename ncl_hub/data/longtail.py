@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+
+if TYPE_CHECKING:  # annotations only: ncl_hub.data also runs without datasets (data.arrow's stand-in)
+    import datasets
 
 __all__ = [
     "class_counts", "is_balanced", "label_array", "long_tailed_counts", "long_tailed_split", "make_long_tailed",
@@ -25,7 +27,7 @@ _logger = logging.getLogger(__name__)
 
 PROFILES = ("exp", "step")
 
-Labels = Union[datasets.Dataset, np.ndarray, torch.Tensor, Sequence[int]]
+Labels = Union["datasets.Dataset", np.ndarray, torch.Tensor, Sequence[int]]
 
 
 def label_array(dataset: datasets.Dataset, column: str = "label") -> np.ndarray:
@@ -44,7 +46,7 @@ def label_array(dataset: datasets.Dataset, column: str = "label") -> np.ndarray:
 
 
 def _aslabel_array(labels: Labels) -> np.ndarray:
-    if isinstance(labels, datasets.Dataset):
+    if hasattr(labels, "column_names"):  # a datasets.Dataset (or data.arrow's stand-in)
         return label_array(labels)
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
@@ -59,14 +61,14 @@ def _aslabel_array(labels: Labels) -> np.ndarray:
 
 def _num_classes(dataset: datasets.Dataset, labels: np.ndarray) -> int:
     feature = dataset.features.get("label")
-    if isinstance(feature, datasets.ClassLabel):
+    if getattr(feature, "names", None) is not None:  # a ClassLabel
         return feature.num_classes
     return int(labels.max()) + 1 if labels.size else 0
 
 
 def _class_name(dataset: datasets.Dataset, c: int) -> str:
     feature = dataset.features.get("label")
-    if isinstance(feature, datasets.ClassLabel) and feature.names[c] != str(c):
+    if getattr(feature, "names", None) is not None and feature.names[c] != str(c):
         return f"class {c} ({feature.names[c]!r})"
     return f"class {c}"
 

@@ -15,9 +15,13 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import datasets
 import numpy as np
 import pyarrow as pa
+
+try:
+    import datasets
+except ImportError:  # a machine without it: local parquet is read with pyarrow alone (``arrow.load_parquet_splits``)
+    datasets = None
 
 from .longtail import label_array, make_long_tailed, rank_within_class
 
@@ -71,10 +75,34 @@ def load_image_dataset(
         train_split and test_split) and, when there is one, "test"; columns ``image`` (``datasets.Image``, decoded
         lazily) and ``label`` (one ``ClassLabel`` for all splits, names "0".."C-1" for integer labels). Other
         columns are dropped.
+
+    Without the ``datasets`` package, local parquet files and folders are read with pyarrow alone
+    (:func:`ncl_hub.data.arrow.load_parquet_splits`: the same rows, labels and image bytes; a plain dict of
+    ``ArrowImageDataset`` splits); other sources then raise ImportError.
     """
+    if datasets is None:
+        return _pick_splits(_load_without_datasets(source, image_column, label_column), source, train_split,
+                            test_split)
     if source == "digits":
         return load_digits_demo()
-    raw = _load_raw(source, config_name, cache_dir)
+    splits = _pick_splits(_load_raw(source, config_name, cache_dir), source, train_split, test_split)
+    local = Path(source).expanduser()
+    base_dir = (local.parent if local.is_file() else local).resolve() if local.exists() else None
+    return _standardise(datasets.DatasetDict(splits), image_column, label_column, source, base_dir)
+
+
+def _load_without_datasets(source: str, image_column: Optional[str], label_column: Optional[str]) -> dict:
+    from .arrow import load_parquet_splits
+
+    if source == "digits" or not Path(source).expanduser().exists():
+        raise ImportError(f"the datasets package is not installed: without it only local parquet files and folders "
+                          f"can be read, not {source!r} (pip install datasets)")
+    _logger.info("datasets is not installed: reading %s with pyarrow alone", source)
+    return load_parquet_splits(source, image_column=image_column, label_column=label_column)
+
+
+def _pick_splits(raw: Mapping, source: str, train_split: str, test_split: Optional[str]) -> dict:
+    """"train", "val" (the source's own validation split, if any) and "test" of the source's splits."""
     found = list(raw.keys())
     if train_split not in raw:
         raise ValueError(f"split {train_split!r} not found in {source}: splits found: {found}. "
@@ -91,9 +119,7 @@ def load_image_dataset(
                              "Choose one with test_split=... (None for no test split)")
         else:
             _logger.info("%s has no 'test' split (splits found: %s): returning train only", source, found)
-    local = Path(source).expanduser()
-    base_dir = (local.parent if local.is_file() else local).resolve() if local.exists() else None
-    return _standardise(datasets.DatasetDict(splits), image_column, label_column, source, base_dir)
+    return splits
 
 
 def _digit_names() -> List[str]:
