@@ -126,6 +126,15 @@ class DataConfig:
     """use only the first N training images (smoke tests)"""
     limit_eval: Optional[int] = None
     """use only the first N images of each evaluation split"""
+    pipeline: Literal["pil", "tensor"] = "pil"
+    """pil: decode and augment every image in DataLoader workers (PIL); tensor: decode each split once to a uint8
+    tensor (cached on disk, see tensor_cache), keep it on the training device and augment whole batches there with
+    per-sample parameters (augment cifar | none, no MoCo, one process)"""
+    tensor_cache: Optional[str] = None
+    """pipeline=tensor: folder of the decoded splits, keyed by the images, the selection and the input size
+    (null = ncl_hub_decoded beside the Hugging Face datasets cache)"""
+    tensor_chunk: int = 4096
+    """pipeline=tensor: images augmented per call (more: fewer kernel launches on a GPU, more memory)"""
 
 
 @dataclass
@@ -190,6 +199,13 @@ class RunConfig:
     compile: Optional[bool] = None
     """torch.compile each expert's trunk for training: true | false | null = auto (compile when the run has >= 2000
     optimizer steps: the first step compiles for minutes on a CPU, then each step is faster)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode when compiling; reduce-overhead replays the step as CUDA graphs (GPU)"""
+    compile_scope: Literal["trunks", "step"] = "trunks"
+    """what is compiled: each expert's trunk on its own, or the whole forward and loss as one graph (batched
+    experts always compile the step)"""
+    channels_last: bool = False
+    """keep the model and the input batches in channels-last memory format (faster convolutions on GPUs)"""
     deterministic: bool = False
     """torch deterministic algorithms (exact resume on CPU)"""
     log_with: Optional[str] = None
@@ -297,6 +313,7 @@ def check_config(cfg: RunConfig) -> None:
          "optim.milestones are fractions of the run in (0, 1] (the paper's 320 and 360 of 400 epochs are 0.8 and "
          f"0.9), got {[m for m in cfg.optim.milestones if not 0 < m <= 1]}"),
         (cfg.model.num_experts >= 1, f"model.num_experts must be >= 1, got {cfg.model.num_experts}"),
+        (cfg.data.tensor_chunk >= 1, f"data.tensor_chunk must be >= 1, got {cfg.data.tensor_chunk}"),
         (not (cfg.model.expert_execution == "batched" and cfg.model.grad_checkpointing),
          "model.expert_execution=batched does not combine with model.grad_checkpointing; turn one of them off"),
     ]

@@ -28,6 +28,11 @@ class EpochSeededDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def skipped(self) -> list:
+        """Indices whose image could not be decoded (``TransformedImageDataset.skipped``)."""
+        return self.dataset.skipped
+
     def __getitem__(self, index: int):
         state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
         py_state = random.getstate()

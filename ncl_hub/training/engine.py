@@ -47,14 +47,14 @@ class ModelWithLoss(nn.Module):
         self._trunk_fns: Optional[list] = None
         self._key_trunk_fns: Optional[list] = None
 
-    def compile_trunks(self) -> None:
+    def compile_trunks(self, mode: Optional[str] = None) -> None:
         """``torch.compile`` each query and key trunk for the training forward (heads, projections and losses
         stay eager). The trunks hold nearly all the compute, and compiling them one by one keeps the compiler's
         memory at one trunk's graph instead of the whole step's (docs/performance.md). The modules themselves
         are untouched: evaluation and exports use them as they are."""
-        self._trunk_fns = [torch.compile(t) for t in self.model.trunks]
+        self._trunk_fns = [torch.compile(t, mode=mode) for t in self.model.trunks]
         if self.model.moco is not None:
-            self._key_trunk_fns = [torch.compile(t) for t in self.model.moco.key_trunks]
+            self._key_trunk_fns = [torch.compile(t, mode=mode) for t in self.model.moco.key_trunks]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None,
                 anchor: Optional[torch.Tensor] = None):
@@ -68,8 +68,8 @@ class StepRunner:
     """One training micro-step, the same for ``train`` and ``benchmarks/train_step.py``: forward and loss
     (compiled with ``torch.compile`` when asked), backward, and on each optimizer step the update, the
     schedule and the fused momentum update of the key encoders; then the MoCo keys gathered from every
-    process are enqueued. No host sync: the random anchor expert is drawn from the CPU generator and passed
-    to the (possibly compiled) graph as a tensor.
+    process are enqueued. No host sync: the random anchor expert is drawn from the generator of the batch's
+    device (the CPU generator for CPU batches) and passed to the (possibly compiled) graph as a tensor.
 
     Args:
         accelerator: the run's Accelerator.
@@ -80,11 +80,16 @@ class StepRunner:
             trunk and key trunk on its own; ``"step"`` compiles the whole forward and loss as one graph (the
             same speed on a CPU, but the compiler's peak memory grows with K; batched expert execution always
             uses ``"step"``).
+        compile_mode: ``torch.compile`` mode (None: the default); ``"reduce-overhead"`` replays the compiled code as
+            CUDA graphs, and each step then begins with ``torch.compiler.cudagraph_mark_step_begin``.
+        channels_last: give the model its inputs in channels-last memory format (the model should be converted with
+            ``model.to(memory_format=torch.channels_last)`` before its optimizer is made).
         clip_grad_norm: optional gradient-norm clipping.
     """
 
     def __init__(self, accelerator, step_module: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
-                 compile_scope: str = "trunks", clip_grad_norm: Optional[float] = None):
+                 compile_scope: str = "trunks", compile_mode: Optional[str] = None, channels_last: bool = False,
+                 clip_grad_norm: Optional[float] = None):
         self.accelerator = accelerator
         self.step_module = step_module
         self.optimizer = optimizer
@@ -98,16 +103,24 @@ class StepRunner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        compile_mode = None if compile_mode in (None, "default") else compile_mode
+        self.cuda_graphs = bool(compile) and compile_mode == "reduce-overhead"
+        self.channels_last = channels_last
         self.forward = step_module
         if compile and (compile_scope == "step" or self.model.expert_execution == "batched"):
-            self.forward = torch.compile(step_module)
+            self.forward = torch.compile(step_module, mode=compile_mode)
         elif compile:
-            inner.compile_trunks()
+            inner.compile_trunks(compile_mode)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, x_key: Optional[torch.Tensor] = None):
         """Returns (loss terms dict, whether an optimizer step happened)."""
         acc = self.accelerator
-        anchor = torch.randint(self.model.num_experts, (1,)) if self.random_anchor else None
+        if self.cuda_graphs:  # the graphs' outputs of the last step may be overwritten now (they were logged)
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            x_key = x_key.contiguous(memory_format=torch.channels_last) if x_key is not None else None
+        anchor = torch.randint(self.model.num_experts, (1,), device=x.device) if self.random_anchor else None
         if hasattr(self.criterion, "set_step"):
             self.criterion.set_step(self.scheduler.last_epoch if self.scheduler is not None else self.steps_done)
         with acc.accumulate(self.step_module):

@@ -25,6 +25,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, check_config, config_to_dict, save_config
 from ..data import DataBundle, build_data, build_eval_loader, build_train_loader
+from ..data.tensor_loaders import build_tensor_loaders, check_tensor_pipeline
 from ..models import NCLModel
 from .build import build_criterion, build_model, build_optimizer, build_scheduler, describe_schedule
 from .engine import (
@@ -51,7 +52,8 @@ class _Run:
     model: NCLModel  # unwrapped: evaluation and exports use it
     step: StepRunner
     train_loader: Any
-    train_set: Any  # the loader's EpochSeededDataset and sampler, taken before prepare: both follow the epoch
+    train_set: Any  # the EpochSeededDataset (pil) or the TensorTrainLoader (tensor), and the sampler: both follow
+    # the epoch (taken before prepare)
     sampler: Any
     eval_loaders: Dict[str, Any]
     scheduler: Any
@@ -95,6 +97,8 @@ def _set_up(cfg: RunConfig) -> _Run:
         log_with=cfg.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     micro_batch = _micro_batch(cfg, accelerator.num_processes)
+    if cfg.data.pipeline == "tensor":
+        check_tensor_pipeline(cfg, accelerator.num_processes)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     set_seed(cfg.seed)
@@ -122,25 +126,37 @@ def _set_up(cfg: RunConfig) -> _Run:
 
 def _prepare(cfg: RunConfig, accelerator, output_dir: Path, data: DataBundle, model: NCLModel, criterion,
              micro_batch: int, t_start: float) -> _Run:
-    """Loaders, optimizer and the model-with-loss through ``accelerator.prepare``; schedule and step runner."""
-    train_loader = build_train_loader(cfg, data, model, micro_batch)
-    train_set, sampler = train_loader.dataset, train_loader.sampler
-    eval_loaders = {name: build_eval_loader(cfg, ds, model.pretrained_cfg)
-                    for name, ds in (("val", data.val), ("test", data.test)) if ds is not None}
+    """Loaders, optimizer and the model-with-loss through ``accelerator.prepare`` (the tensor pipeline's loaders
+    are on the device already); schedule and step runner."""
+    if cfg.channels_last:  # before the optimizer is made: it keeps the parameters it is given
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    step_module, optimizer, train_loader = accelerator.prepare(ModelWithLoss(model, criterion), optimizer,
-                                                               train_loader)
-    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+    if cfg.data.pipeline == "tensor":
+        train_loader, eval_loaders = build_tensor_loaders(cfg, data, model, micro_batch, accelerator.device,
+                                                          log=accelerator.print)
+        train_set, sampler = train_loader, train_loader.sampler
+        step_module, optimizer = accelerator.prepare(ModelWithLoss(model, criterion), optimizer)
+    else:
+        train_loader = build_train_loader(cfg, data, model, micro_batch)
+        train_set, sampler = train_loader.dataset, train_loader.sampler
+        eval_loaders = {name: build_eval_loader(cfg, ds, model.pretrained_cfg)
+                        for name, ds in (("val", data.val), ("test", data.test)) if ds is not None}
+        step_module, optimizer, train_loader = accelerator.prepare(ModelWithLoss(model, criterion), optimizer,
+                                                                   train_loader)
+        eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     use_compile = cfg.compile if cfg.compile is not None else steps_per_epoch * cfg.epochs >= COMPILE_MIN_STEPS
     step = StepRunner(accelerator, step_module, optimizer, scheduler, compile=use_compile,
-                      clip_grad_norm=cfg.optim.clip_grad_norm)
-    accelerator.print(f"step: {'torch.compile' if use_compile else 'eager'} ({steps_per_epoch} optimizer steps per "
-                      f"epoch of {cfg.data.batch_size} images, {accelerator.num_processes} process(es), "
-                      f"{accelerator.mixed_precision} mixed precision)")
+                      compile_scope=cfg.compile_scope, compile_mode=cfg.compile_mode,
+                      channels_last=cfg.channels_last, clip_grad_norm=cfg.optim.clip_grad_norm)
+    compiled = f"torch.compile ({cfg.compile_scope}, mode {cfg.compile_mode})" if use_compile else "eager"
+    accelerator.print(f"step: {compiled}, {cfg.model.expert_execution} experts ({steps_per_epoch} optimizer steps "
+                      f"per epoch of {cfg.data.batch_size} images, {accelerator.num_processes} process(es), "
+                      f"{accelerator.mixed_precision} mixed precision"
+                      f"{', channels-last' if cfg.channels_last else ''}, {cfg.data.pipeline} input pipeline)")
     for line in describe_schedule(steps_per_epoch, cfg):
         accelerator.print(line)
     return _Run(cfg=cfg, accelerator=accelerator, output_dir=output_dir, data=data, model=unwrap(step_module).model,
@@ -239,7 +255,10 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
     run.sampler.set_epoch(epoch)
     run.step.step_module.train()
     skip = progress.batches_done
-    loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    if cfg.data.pipeline == "tensor":  # augmentation parameters belong to positions in the epoch: start at `skip`
+        loader = run.train_loader.iter_from(skip)
+    else:
+        loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     steps_left = run.steps_per_epoch - skip // cfg.grad_accum
     bar = tqdm(total=run.steps_per_epoch, initial=skip // cfg.grad_accum, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                # no bar in a log file (a study's train.log): the epoch lines say the same
@@ -277,7 +296,7 @@ def _validate_and_select(run: _Run, epoch: int, record: Dict[str, Any]) -> None:
     from ..evaluate import predict, split_metrics
 
     progress = run.progress
-    skipped = run.train_set.dataset.skipped
+    skipped = run.train_set.skipped
     if skipped:
         record["skipped_images"] = len(skipped)
         run.accelerator.print(f"warning: {len(skipped)} training image(s) could not be decoded and were skipped "
@@ -375,7 +394,7 @@ def _run_info(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
         "best_epoch": progress.best_epoch, "selected_expert": progress.selected_expert, "epochs": cfg.epochs,
         "wall_time_s": round(time.time() - run.t_start, 1), "num_processes": run.accelerator.num_processes,
         "commit": code_version(), "history": progress.history,
-        "skipped_train_images": run.train_set.dataset.skipped,
+        "skipped_train_images": run.train_set.skipped,
     }
 
 
