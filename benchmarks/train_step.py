@@ -19,6 +19,9 @@ the training steps, the first (compiling) one included; GPU: torch.cuda.max_memo
 Modes: eager; compiled (torch.compile of each trunk, what long runs of recipes/train.py use); compiled_step (the
 whole forward + loss as one compiled graph); bf16 (compiled trunks under bf16 autocast);
 batched and batched_compiled (the K experts as one vmapped computation, ``model.expert_execution=batched``).
+A mode may add switches with ``+``: ``+bf16`` (bf16 autocast), ``+cl`` (channels-last model and inputs), ``+cg``
+(``torch.compile(mode="reduce-overhead")``: CUDA graphs), e.g. ``compiled_step+cg+bf16+cl``; the same switches as
+recipes/train.py's ``--mixed_precision bf16``, ``--channels_last`` and ``--compile_mode reduce-overhead``.
 Every mode but eager is timed against an eager twin in the same process ("vs eager").
 """
 from __future__ import annotations
@@ -89,6 +92,20 @@ def _time(fn, steps: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
+BASES = ("eager", "compiled", "compiled_step", "batched", "batched_compiled")
+SWITCHES = ("bf16", "cl", "cg")
+
+
+def parse_mode(mode: str):
+    """``base+switch+...`` -> (base, set of switches); ``bf16`` alone is ``compiled+bf16`` (the earlier mode)."""
+    parts = mode.split("+")
+    base, switches = (parts[0], set(parts[1:])) if parts[0] in BASES else ("compiled", set(parts))
+    unknown = switches - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"mode {mode!r}: unknown switch(es) {sorted(unknown)}; bases {BASES}, switches {SWITCHES}")
+    return base, switches
+
+
 def _build(setting: dict, mode: str, device: str, accelerator):
     import torch
 
@@ -96,19 +113,23 @@ def _build(setting: dict, mode: str, device: str, accelerator):
     from ncl_hub.losses import NCLLoss
     from ncl_hub.training import ModelWithLoss, StepRunner
 
+    base, switches = parse_mode(mode)
     K, C = setting["num_experts"], setting["num_classes"]
     model = ncl_hub.create_model(setting["backbone"], num_classes=C, num_experts=K,
                                  classifier=setting["classifier"], moco=setting["moco"]).to(device)
+    if "cl" in switches:
+        model = model.to(memory_format=torch.channels_last)
     counts = [max(1, int(500 * 100 ** (-i / (C - 1)))) for i in range(C)]
     criterion = NCLLoss(counts, validate_targets=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 nesterov=True, weight_decay=2e-4)
-    if mode.startswith("batched"):
+    if base.startswith("batched"):
         model.set_expert_execution("batched")
     step_module, optimizer = accelerator.prepare(ModelWithLoss(model, criterion), optimizer)
     step_module.train()
-    return StepRunner(accelerator, step_module, optimizer, compile=mode != "eager" and mode != "batched",
-                      compile_scope="step" if mode == "compiled_step" else "trunks")
+    return StepRunner(accelerator, step_module, optimizer, compile=base not in ("eager", "batched"),
+                      compile_scope="step" if base == "compiled_step" else "trunks",
+                      compile_mode="reduce-overhead" if "cg" in switches else None, channels_last="cl" in switches)
 
 
 def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, threads: int) -> dict:
@@ -124,7 +145,7 @@ def run_one(setting: dict, mode: str, device: str, steps: int, warmup: int, thre
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     K, C, B, S = setting["num_experts"], setting["num_classes"], setting["batch"], setting["size"]
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if mode == "bf16" else "no")
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if "bf16" in parse_mode(mode)[1] else "no")
     runner = _build(setting, mode, device, accelerator)
     x = torch.randn(B, 3, S, S, device=dev)
     x_key = torch.randn(B, 3, S, S, device=dev) if setting["moco"] else None
@@ -192,8 +213,9 @@ def main(argv=None) -> list:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--modes", default=None,
                    help="comma list of eager, compiled, compiled_step, bf16, batched (vmapped experts, eager), "
-                        "batched_compiled "
-                        "(default: eager,compiled; on cuda also bf16, batched, batched_compiled)")
+                        "batched_compiled, each optionally +bf16, +cl (channels-last), +cg (CUDA graphs) "
+                        "(default: eager,compiled; on cuda also bf16, batched, batched_compiled, "
+                        "compiled_step+cg+bf16+cl)")
     p.add_argument("--only", default=None, help="run only settings whose name contains this")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
@@ -204,8 +226,11 @@ def main(argv=None) -> list:
         setting, mode = json.loads(args.child)
         print("RESULT " + json.dumps(run_one(setting, mode, args.device, args.steps, args.warmup, args.threads)))
         return []
-    default_modes = "eager,compiled,bf16,batched,batched_compiled" if args.device == "cuda" else "eager,compiled"
+    default_modes = ("eager,compiled,bf16,batched,batched_compiled,compiled_step+cg+bf16+cl" if args.device == "cuda"
+                     else "eager,compiled")
     modes = (args.modes or default_modes).split(",")
+    for mode in modes:
+        parse_mode(mode)  # an unknown mode fails here, not in a child process
     rows = []
     for setting in settings(args.device):
         if args.only and args.only not in setting["name"]:
@@ -222,10 +247,10 @@ def main(argv=None) -> list:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print(f"{'setting':<34} {'mode':<9} {'img/s':>8} {'floor img/s':>11} {'step/floor':>10} {'vs eager':>9} "
+    print(f"{'setting':<34} {'mode':<24} {'img/s':>8} {'floor img/s':>11} {'step/floor':>10} {'vs eager':>9} "
           f"{'peak MiB':>9} {'1st step s':>10}")
     for r in rows:
-        print(f"{r['setting']:<34} {r['mode']:<9} {r['images_per_s']:>8.1f} {r['floor_images_per_s']:>11.1f} "
+        print(f"{r['setting']:<34} {r['mode']:<24} {r['images_per_s']:>8.1f} {r['floor_images_per_s']:>11.1f} "
               f"{r['step_over_floor']:>10.3f} {r.get('speedup_over_eager', 1.0):>8.3f}x {r['peak_memory_mib']:>9.1f} "
               f"{r['first_step_s']:>10.1f}")
     return rows
