@@ -343,6 +343,9 @@ def render_study(record: Dict[str, Any]) -> str:
     for name, m in record["methods"].items():
         s = m["summary"]
         n = s["wall_time_s"]["n"]
+        if not m["runs"]:
+            lines.append(f"| {m['label']} | 0 | no finished run yet | " + " | ".join("" for _ in groups) + " | |")
+            continue
         k1 = all(r["splits"].get("test", {}).get("single") == r["splits"].get("test", {}).get("ensemble")
                  for r in m["runs"].values())
         for model in (("single",) if k1 else ("single", "ensemble")):
@@ -368,6 +371,8 @@ def render_study(record: Dict[str, Any]) -> str:
               "", "| method | single | ensemble | best epoch (per seed) |", "|---|---:|---:|---|"]
     for name, m in record["methods"].items():
         s = m["summary"]
+        if not m["runs"]:
+            continue
         epochs = ", ".join(str(r["best_epoch"]) for r in m["runs"].values())
         lines.append(f"| {m['label']} | {_fmt(s.get('val/single/top1'), False)} | "
                      f"{_fmt(s.get('val/ensemble/top1'), False)} | {epochs} |")
@@ -430,6 +435,8 @@ def _render_curves(record: Dict[str, Any], points: int = 6) -> List[str]:
              "the end of each epoch shown:", "",
              "| method | " + " | ".join(f"epoch {e}" for e in marks) + " |", "|---|" + "---:|" * len(marks)]
     for m in record["methods"].values():
+        if not m["runs"]:
+            continue
         cells = []
         for e in marks:
             vals, losses = [], []
