@@ -9,8 +9,9 @@ validation hold-out, the sampler, per-sample seeded augmentation):
   cache; the time is printed apart), then the same policy on whole chunks of tensors (``tensor_augment``) on
   ``--device``; no key view (the tensor pipeline has none).
 
-images/s is the sustained rate over ``--batches`` batches after the first (mean, not median: the tensor pipeline
-augments a chunk of batches at once). Compare with the training step's (benchmarks/train_step.py): the target is at
+images/s is the sustained rate over ``--batches`` batches (mean, not median: the tensor pipeline augments a chunk
+of batches at once), after the first for pil (worker start-up), from the first for tensor (its first batch carries
+the first chunk's augmentation). Compare with the training step's (benchmarks/train_step.py): the target is at
 least 3x.
 
     python benchmarks/data.py                                    # pil, default workers (2) and batch 64
@@ -41,11 +42,13 @@ def _config(data_dir: Path, pipeline: str, workers: int, batch: int, key_view: b
     return parse_args(args + (["--data.tensor_cache", str(cache)] if cache else []))
 
 
-def _time_batches(loader, batches: int):
+def _time_batches(loader, batches: int, skip_first: bool):
     times, n = [], 0
-    it = iter(loader)
-    next(it)  # worker start-up (pil) or the first chunk (tensor) and the first batch
     t_prev = t_start = time.perf_counter()
+    it = iter(loader)
+    if skip_first:  # the DataLoader workers' start-up and the first batch
+        next(it)
+        t_prev = t_start = time.perf_counter()
     for _ in it:
         now = time.perf_counter()
         times.append(now - t_prev)
@@ -76,10 +79,11 @@ def measure(data_dir: Path, pipeline: str, workers: int, batch: int, batches: in
         loader.set_epoch(0)
     else:
         loader = build_train_loader(cfg, data, model, batch)
-    times, total = _time_batches(loader, batches)
-    row.update(images_per_s=round(batch * len(times) / total, 1),
-               median_batch_images_per_s=round(batch / statistics.median(times), 1), batches=len(times),
-               cpus=os.cpu_count())
+    # the tensor pipeline augments a chunk of batches at once: its first batch carries the first chunk's work
+    times, total = _time_batches(loader, batches, skip_first=pipeline == "pil")
+    row.update(images_per_s=round(batch * len(times) / total, 1), batches=len(times), cpus=os.cpu_count())
+    if pipeline == "pil":  # the tensor pipeline's batches are slices of a chunk augmented at once: no median
+        row["median_batch_images_per_s"] = round(batch / statistics.median(times), 1)
     return row
 
 
