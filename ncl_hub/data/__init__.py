@@ -3,7 +3,9 @@
 ``sources`` loads a dataset (the offline digits demo, parquet, ``save_to_disk`` and image folders, Hub ids),
 ``benchmarks`` the published image lists of ImageNet-LT, Places-LT and iNaturalist 2018, ``longtail`` makes
 long-tailed subsets and balanced validation splits from the label column alone, ``build`` assembles the data of a
-training run by the benchmark's protocol, and ``loaders`` turns them into DataLoaders.
+training run by the benchmark's protocol, and ``loaders`` turns them into DataLoaders. ``tensor_cache`` and
+``tensor_loaders`` are ``data.pipeline=tensor``: splits decoded once to uint8 tensors on the device, batches
+augmented there; ``arrow`` reads local parquet with pyarrow alone where ``datasets`` is not installed.
 """
 from .benchmarks import BENCHMARKS, load_benchmark, load_inaturalist, load_split_file
 from .build import DataBundle, build_data, classes_without_images
