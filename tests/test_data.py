@@ -156,7 +156,9 @@ def test_split_validation_leaves_the_test_split_alone(digits):
 
 
 def test_digits_demo(digits):
-    assert set(digits) == {"train", "test"}
+    assert set(digits) == {"train", "val", "test"}
+    # validation from the images the long tail left out: the training split is whole, the head class gives none
+    assert class_counts(digits["val"], 10) == [0] + [20] * 9
     for split in digits.values():
         assert isinstance(split.features["image"], datasets.Image)
         assert split.features["label"].names == [str(i) for i in range(10)]
@@ -236,7 +238,7 @@ def test_save_to_disk_folder(digits, tmp_path):
     small = datasets.DatasetDict({k: v.select(range(6)) for k, v in digits.items()})
     small.save_to_disk(str(tmp_path / "saved"))
     dd = load_image_dataset(str(tmp_path / "saved"))
-    assert set(dd) == {"train", "test"} and dd["train"]["label"][:] == small["train"]["label"][:]
+    assert set(dd) == {"train", "val", "test"} and dd["train"]["label"][:] == small["train"]["label"][:]
 
 
 def test_image_folder(tmp_path):

@@ -23,7 +23,7 @@ try:
 except ImportError:  # a machine without it: local parquet is read with pyarrow alone (``arrow.load_parquet_splits``)
     datasets = None
 
-from .longtail import label_array, make_long_tailed, rank_within_class
+from .longtail import label_array, long_tailed_split, make_long_tailed, rank_within_class
 
 __all__ = ["IMAGE_COLUMNS", "LABEL_COLUMNS", "VAL_SPLITS", "load_digits_demo", "load_image_dataset"]
 
@@ -128,6 +128,7 @@ def _digit_names() -> List[str]:
 
 def load_digits_demo(
         image_size: int = 32, imbalance_factor: float = 10.0, test_fraction: float = 0.25, seed: int = 0,
+        val_per_class: int = 20,
 ) -> datasets.DatasetDict:
     """scikit-learn's bundled 8x8 digits (1,797 images, offline) as a small long-tailed image dataset.
 
@@ -137,10 +138,14 @@ def load_digits_demo(
         test_fraction: the test split takes ``round(test_fraction * smallest class)`` images of every class
             (balanced, seeded); the rest is the training pool.
         seed: seed of the test split and of the long-tailed choice.
+        val_per_class: validation images per class, taken from the images the long-tail subsampling leaves out
+            (as the library does for CIFAR-LT), so the training split stays whole; the head class keeps all its
+            images and gives none. 0, or an imbalance factor of 1, gives no validation split.
 
     Returns:
-        DatasetDict with "train" (557 images at IF 10, 134 down to 13 per class) and "test" (440 images, 44 per
-        class); columns ``image`` (RGB PIL, ``image_size`` x ``image_size``) and ``label`` (ClassLabel "0".."9").
+        DatasetDict with "train" (557 images at IF 10, 134 down to 13 per class), "val" (20 per class but the head
+        class: 180 images) and "test" (440 images, 44 per class); columns ``image`` (RGB PIL, ``image_size`` x
+        ``image_size``) and ``label`` (ClassLabel "0".."9").
     """
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -159,9 +164,12 @@ def load_digits_demo(
     is_test = rank < n_test
     train = full.select(np.sort(by_class[~is_test]))
     test = full.select(np.sort(by_class[is_test]))
-    if imbalance_factor is not None and imbalance_factor != 1:
-        train = make_long_tailed(train, imbalance_factor, seed=seed)
-    return datasets.DatasetDict({"train": train, "test": test})
+    if imbalance_factor is None or imbalance_factor == 1:
+        return datasets.DatasetDict({"train": train, "test": test})
+    if val_per_class <= 0:
+        return datasets.DatasetDict({"train": make_long_tailed(train, imbalance_factor, seed=seed), "test": test})
+    train, val, _ = long_tailed_split(train, imbalance_factor, val_per_class, seed=seed)
+    return datasets.DatasetDict({"train": train, "val": val, "test": test})
 
 
 def _looks_like_path(source: str) -> bool:
