@@ -8,7 +8,7 @@ import torch
 from ncl_hub.config import WARMUP_STEPS_DEFAULT, ConfigError, RunConfig, load_config, parse_args
 from ncl_hub.data import class_counts, long_tailed_counts, long_tailed_split, make_long_tailed
 from ncl_hub.losses import NCLLoss, ncl_loss
-from ncl_hub.training import build_data, describe_schedule, lr_factor
+from ncl_hub.training import build_data, describe_schedule, lr_factor, needed_warmup_steps
 
 from conftest import REPO, TINY, make_tiny_dataset
 from test_data import _label_dataset
@@ -109,7 +109,12 @@ def test_schedule_is_described_and_short_warmups_warned():
     lines = describe_schedule(30, _cfg("--optim.warmup_steps", "30", "--epochs", "30"))
     text = "\n".join(lines)
     assert "30 epochs x 30 optimizer steps = 900 steps" in text and "warm-up 30 steps (1.0 epochs)" in text
-    assert f"shorter than the {WARMUP_STEPS_DEFAULT}" in text and "collapse" in text
+    assert f"shorter than the {WARMUP_STEPS_DEFAULT} NCL needs at lr 0.1" in text and "collapse" in text
+    # the need follows the rate: half the rate, half the steps
+    half = "\n".join(describe_schedule(30, _cfg("--optim.warmup_steps", str(WARMUP_STEPS_DEFAULT // 2),
+                                                 "--optim.lr", "0.05")))
+    assert "collapse" not in half
+    assert needed_warmup_steps(0.2) == 2 * WARMUP_STEPS_DEFAULT
     ok = describe_schedule(100, _cfg("--epochs", "20", "--optim.schedule", "multistep"))
     assert not any(line.startswith("warning") for line in ok)
     assert "x0.1 at step 1600 (epoch 16.0), step 1800 (epoch 18.0)" in ok[0]

@@ -11,6 +11,8 @@ import torch.nn as nn
 from ..config import WARMUP_STEPS_DEFAULT, ConfigError, RunConfig
 from ..models import NCLModel, WeightsUnavailableError, create_model
 
+PAPER_LR = 0.1  # the paper's CIFAR rate (batch 64), at which WARMUP_STEPS_DEFAULT was measured
+
 __all__ = ["build_criterion", "build_model", "build_optimizer", "build_scheduler", "describe_schedule", "lr_factor"]
 
 
@@ -117,12 +119,19 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer,
     return torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, steps_per_epoch, cfg))
 
 
+def needed_warmup_steps(lr: float) -> int:
+    """Warm-up steps NCL needs to start safely at peak rate ``lr``: ``WARMUP_STEPS_DEFAULT`` at the paper's 0.1
+    (measured, docs/results.md "Warm-up"), scaled with the rate so that the rate never rises faster per step than
+    the measured safe ramp (an extrapolation: only lr 0.1 was measured)."""
+    return math.ceil(WARMUP_STEPS_DEFAULT * lr / PAPER_LR)
+
+
 def describe_schedule(steps_per_epoch: int, cfg: RunConfig) -> List[str]:
     """The resolved schedule in words, and warnings about it (printed when a run starts).
 
     The warning names the risk: NCL puts two cross-entropies and the distillation on every expert, so at the
     same rate its first steps are larger than a plain loss's; with fewer warm-up steps than
-    ``WARMUP_STEPS_DEFAULT`` its experts can collapse early (docs/results.md, "Warm-up").
+    :func:`needed_warmup_steps` its experts can collapse early (docs/results.md, "Warm-up").
     """
     oc = cfg.optim
     total = steps_per_epoch * cfg.epochs
@@ -136,11 +145,13 @@ def describe_schedule(steps_per_epoch: int, cfg: RunConfig) -> List[str]:
     if cfg.loss.name == "ncl" and cfg.loss.ramp_steps:
         lines.append(f"loss: hard-category and distillation terms ramped in over {cfg.loss.ramp_steps} steps")
     warnings = []
-    if cfg.loss.name == "ncl" and oc.warmup_steps < WARMUP_STEPS_DEFAULT and not cfg.init_from:
+    needed = needed_warmup_steps(oc.lr)
+    if cfg.loss.name == "ncl" and oc.warmup_steps < needed and not cfg.init_from:
         warnings.append(
-            f"warning: warm-up of {oc.warmup_steps} optimizer steps is shorter than the {WARMUP_STEPS_DEFAULT} NCL "
-            "needs at the paper's rate: its experts can collapse in the first epochs (docs/results.md, Warm-up). "
-            f"Use --optim.warmup_steps {WARMUP_STEPS_DEFAULT} or more, or a lower --optim.lr.")
+            f"warning: warm-up of {oc.warmup_steps} optimizer steps is shorter than the {needed} NCL needs at lr "
+            f"{oc.lr:g}: its two cross-entropies and the distillation make its first steps about twice a plain "
+            "loss's, and its experts can collapse to constant predictions in the first epochs (docs/results.md, "
+            f"Warm-up). Use --optim.warmup_steps {needed} or more, or a lower --optim.lr.")
     if oc.warmup_steps > total // 2:
         warnings.append(f"warning: the warm-up ({oc.warmup_steps} steps) is more than half of the run ({total} "
                         "steps): the rate spends most of the run below its peak. Train longer or on more data.")
