@@ -33,7 +33,7 @@ __all__ = [
 
 # Linear warm-up of the default and of every shipped config, in optimizer steps; shorter runs are warned
 # (training.describe_schedule). Measured: docs/results.md, "Warm-up".
-WARMUP_STEPS_DEFAULT = 500
+WARMUP_STEPS_DEFAULT = 250
 
 
 @dataclass

@@ -141,12 +141,13 @@ def test_schedule_options_are_checked_before_training(tiny_data, tmp_path):
         parse_args(["--optim.warmup_epochs", "5"])
 
 
-def test_shipped_configs_warm_up_at_least_the_default():
+def test_shipped_configs_warm_up_as_long_as_ncl_needs_at_their_rate():
     for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        if path.stem != "digits_demo":  # the demo trains for about 200 steps; see its config
+        assert cfg.optim.warmup_steps >= needed_warmup_steps(cfg.optim.lr), path
+        if cfg.optim.lr >= 0.1:
             assert cfg.optim.warmup_steps >= WARMUP_STEPS_DEFAULT, path
-    assert RunConfig().optim.warmup_steps == WARMUP_STEPS_DEFAULT
+    assert RunConfig().optim.warmup_steps == WARMUP_STEPS_DEFAULT == needed_warmup_steps(RunConfig().optim.lr)
 
 
 # ---------------------------------------------------------------------------------------------- numbers
