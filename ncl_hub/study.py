@@ -317,6 +317,8 @@ def _fmt(stat: Optional[Dict[str, Any]], with_values: bool = True, signed: bool 
     if not stat or stat["mean"] is None:
         return "n/a"
     sign = "+" if signed else ""
+    if stat["n"] == 1:  # no spread to show: say so rather than print "± 0.00"
+        return f"{stat['mean']:{sign}.2f} (1 seed)"
     text = f"{stat['mean']:{sign}.2f} ± {stat['std']:.2f}"
     if with_values and stat["n"] > 1:
         text += " (" + ", ".join("-" if v is None else f"{v:{sign}.1f}" for v in stat["values"]) + ")"

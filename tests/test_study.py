@@ -132,3 +132,10 @@ def test_changed_settings_are_not_resumed_into_an_old_run(tmp_path, tiny_data):
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"optim": {"warmup_epochs": 5}}))
     with pytest.raises(ConfigError, match="cannot read"):
         S.run_study(study, only=["ncl"], log=lambda *_: None)
+
+
+def test_numbers_from_one_seed_say_so_instead_of_a_zero_spread():
+    one = S._stats([31.2])
+    assert S._fmt(one) == "31.20 (1 seed)" and S._fmt(S._stats([-3.25]), signed=True) == "-3.25 (1 seed)"
+    two = S._stats([30.0, 32.0])
+    assert S._fmt(two) == "31.00 ± 1.41 (30.0, 32.0)" and S._fmt(S._stats([])) == "n/a"
