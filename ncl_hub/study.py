@@ -14,6 +14,10 @@ overrides) and the seeds::
       bsce_k1: {label: "BSCE, 1 x ResNet-32", overrides: {loss.name: bsce, model.num_experts: 1}}
       ncl_paper: {label: "NCL (paper), 3 x ResNet-32", overrides: {loss.variant: paper}}
     baseline: bsce_k1          # differences are reported against it, paired by seed
+    findings: |                # optional prose under the tables; {{ncl_paper:test/single/top1}} is replaced by
+      ...                      # that summary's mean ± std, {{diff:ncl_paper:test/single/top1}} by the paired
+                               # difference to the baseline, so no number in it is typed by hand
+    position: 1                # optional: the study's place on docs/results.md (then by name)
 
 Each run is ``recipes/train.py`` in a subprocess (its log in ``<run>/train.log``), started with
 ``--resume latest``: a finished run (``eval/metrics.json``) is skipped, a killed one continues from its last
@@ -61,6 +65,7 @@ class Study:
     methods: List[Method]
     baseline: Optional[str] = None
     findings: str = ""
+    position: Optional[int] = None  # where docs/results.md places the study (lowest first; then by name)
     source: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
 
@@ -83,7 +88,7 @@ def load_study(path) -> Study:
     if missing:
         raise ConfigError(f"{path}: study file lacks {', '.join(missing)}")
     unknown = set(data) - {"name", "title", "description", "findings", "config", "output_root", "seeds", "common",
-                           "methods", "baseline"}
+                           "methods", "baseline", "position"}
     if unknown:
         raise ConfigError(f"{path}: unknown study keys {sorted(unknown)}")
     methods = []
@@ -95,7 +100,8 @@ def load_study(path) -> Study:
         config=(path.parent / data["config"]).resolve(), output_root=Path(data.get("output_root",
                                                                                  f"outputs/studies/{data['name']}")),
         seeds=[int(s) for s in data["seeds"]], common=dict(data.get("common") or {}), methods=methods,
-        baseline=data.get("baseline"), findings=(data.get("findings") or "").strip(), source=path)
+        baseline=data.get("baseline"), findings=(data.get("findings") or "").strip(),
+        position=None if data.get("position") is None else int(data["position"]), source=path)
     if study.baseline is not None and study.baseline not in {m.name for m in methods}:
         raise ConfigError(f"{path}: baseline {study.baseline!r} is not one of the methods {[m.name for m in methods]}")
     for method, seed in study.runs():
@@ -275,7 +281,8 @@ def collect(study: Study) -> Dict[str, Any]:
                     for c in range(len(rows[0]))]
         methods[method.name] = {"label": method.label, "overrides": method.overrides, "runs": runs,
                                 "summary": summary}
-    record = {"name": study.name, "title": study.title, "description": study.description, "findings": study.findings,
+    record = {"name": study.name, "position": study.position,
+              "title": study.title, "description": study.description, "findings": study.findings,
               "study_file": str(study.source) if study.source else None, "config": _repo_relative(study.config),
               "common": study.common, "seeds": study.seeds, "baseline": study.baseline, "methods": methods,
               "commits": sorted({r["commit"] for m in methods.values() for r in m["runs"].values() if r["commit"]})}
@@ -478,7 +485,8 @@ def write_results(records_dir: Path, markdown_path: Path, *, order: Optional[Seq
     """Regenerate ``markdown_path`` from every ``*.json`` record in ``records_dir`` (in ``order`` first)."""
     records = [json.loads(p.read_text()) for p in sorted(Path(records_dir).glob("*.json"))]
     rank = {n: i for i, n in enumerate(order or [])}
-    records.sort(key=lambda r: (rank.get(r["name"], len(rank)), r["name"]))
+    records.sort(key=lambda r: (rank.get(r["name"], len(rank)),
+                                r["position"] if r.get("position") is not None else math.inf, r["name"]))
     machines = sorted({r.get("machine") for r in records if r.get("machine")})
     markdown_path.write_text(render_markdown(records, machine="; ".join(machines) or "see each study"))
     return markdown_path

@@ -139,3 +139,14 @@ def test_numbers_from_one_seed_say_so_instead_of_a_zero_spread():
     assert S._fmt(one) == "31.20 (1 seed)" and S._fmt(S._stats([-3.25]), signed=True) == "-3.25 (1 seed)"
     two = S._stats([30.0, 32.0])
     assert S._fmt(two) == "31.00 ± 1.41 (30.0, 32.0)" and S._fmt(S._stats([])) == "n/a"
+
+
+def test_results_page_orders_studies_by_position_then_name(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    records.mkdir()
+    for name, position in (("a_last", None), ("b_second", 2), ("c_first", 1)):
+        (records / f"{name}.json").write_text(json.dumps({"name": name, "position": position}))
+    monkeypatch.setattr(S, "render_study", lambda r: f"## {r['name']}")
+    page = S.write_results(records, tmp_path / "results.md")
+    text = page.read_text()
+    assert text.index("## c_first") < text.index("## b_second") < text.index("## a_last")
