@@ -240,8 +240,15 @@ def _run_record(run_dir: Path) -> Dict[str, Any]:
                                        "train_nbod_all", "train_nbod_hard", "train_ce", "val_top1",
                                        "val_expert_top1") if k in h} for h in info.get("history", [])]
     return {"splits": splits, "selected_expert": selected, "best_epoch": info.get("best_epoch"),
-            "wall_time_s": info.get("wall_time_s"), "commit": info.get("commit"),
+            "wall_time_s": info.get("wall_time_s"), "train_time_s": _train_time(info), "commit": info.get("commit"),
             "class_counts": info.get("class_counts"), "history": history}
+
+
+def _train_time(info: Dict[str, Any]) -> Optional[float]:
+    """Seconds spent in the training epochs, summed over every process that trained the run: unlike the last
+    process's wall time, this counts the epochs before a kill and resume."""
+    times = [h.get("time_s") for h in info.get("history", [])]
+    return round(sum(times), 1) if times and all(t is not None for t in times) else None
 
 
 def _stats(values: List[Optional[float]]) -> Dict[str, Any]:
@@ -271,6 +278,7 @@ def collect(study: Study) -> Dict[str, Any]:
                     if any(v is not None for v in vals):
                         summary[f"{split}/{model}/{g}"] = _stats(vals)
         summary["wall_time_s"] = _stats([r["wall_time_s"] for r in runs.values()])
+        summary["train_time_s"] = _stats([r.get("train_time_s") for r in runs.values()])
         summary["test/pairwise_kl"] = _stats([r["splits"].get("test", {}).get("pairwise_kl") for r in runs.values()])
         for model in ("single", "ensemble"):
             rows = [r["splits"].get("test", {}).get(f"per_class_{model}") for r in runs.values()]
@@ -346,8 +354,9 @@ def render_study(record: Dict[str, Any]) -> str:
               f"`{record.get('study_file')}`; code at commit(s) {', '.join(record['commits']) or 'unknown'}.", ""]
     lines += ["Test top-1 (%), mean ± standard deviation over seeds (each seed's value in brackets, in seed order). "
               "*single*: the expert chosen on validation at the epoch chosen on validation; *ensemble*: the mean of "
-              "the experts' logits.", ""]
-    header = "| method | runs | model | " + " | ".join(names[g] for g in groups) + " | wall time (s) |"
+              "the experts' logits. *training time*: mean seconds per run in its training epochs, summed over a "
+              "killed run's processes (on a shared machine, runs that overlapped slow each other).", ""]
+    header = "| method | runs | model | " + " | ".join(names[g] for g in groups) + " | training time (s) |"
     lines += [header, "|" + "---|" * 3 + "---:|" * (len(groups) + 1)]
     for name, m in record["methods"].items():
         s = m["summary"]
@@ -359,8 +368,8 @@ def render_study(record: Dict[str, Any]) -> str:
                  for r in m["runs"].values())
         for model in (("single",) if k1 else ("single", "ensemble")):
             cells = [_fmt(s.get(f"test/{model}/{g}")) for g in groups]
-            wall = f"{s['wall_time_s']['mean']:.0f}" if s["wall_time_s"]["mean"] is not None and model == "single" \
-                else ""
+            t = s.get("train_time_s") or {}
+            wall = f"{t['mean']:.0f}" if t.get("mean") is not None and model == "single" else ""
             lines.append(f"| {m['label']} | {n} | {model if not k1 else 'single (K = 1)'} | " + " | ".join(cells)
                          + f" | {wall} |")
     lines.append("")

@@ -90,6 +90,10 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_data):
     assert diff["values"][0] == pytest.approx(ncl["runs"]["0"]["splits"]["test"]["single"]["top1"]
                                               - base["0"]["splits"]["test"]["single"]["top1"])
     assert all(r["commit"] for r in ncl["runs"].values())
+    # the resumed run's training time counts the epoch trained before the kill, not only the last process's
+    history = json.loads((killed / "run_info.json").read_text())["history"]
+    assert len(history) == 2 and ncl["runs"]["1"]["train_time_s"] == pytest.approx(sum(h["time_s"] for h in history),
+                                                                                   abs=0.1)
     text = page.read_text()
     assert "## Tiny study" in text and "| NCL K=2 | 2 | ensemble |" in text and "single (K = 1)" in text
     assert f"{stat['mean']:.2f} ± {stat['std']:.2f}" in text
