@@ -335,7 +335,7 @@ def _fmt(stat: Optional[Dict[str, Any]], with_values: bool = True, signed: bool 
     if stat["n"] == 1:  # no spread to show: say so rather than print "± 0.00"
         return f"{stat['mean']:{sign}.2f} (1 seed)"
     text = f"{stat['mean']:{sign}.2f} ± {stat['std']:.2f}"
-    if with_values and stat["n"] > 1:
+    if with_values:
         text += " (" + ", ".join("-" if v is None else f"{v:{sign}.1f}" for v in stat["values"]) + ")"
     return text
 
@@ -369,9 +369,9 @@ def render_study(record: Dict[str, Any]) -> str:
         for model in (("single",) if k1 else ("single", "ensemble")):
             cells = [_fmt(s.get(f"test/{model}/{g}")) for g in groups]
             t = s.get("train_time_s") or {}
-            wall = f"{t['mean']:.0f}" if t.get("mean") is not None and model == "single" else ""
+            train_time = f"{t['mean']:.0f}" if t.get("mean") is not None and model == "single" else ""
             lines.append(f"| {m['label']} | {n} | {model if not k1 else 'single (K = 1)'} | " + " | ".join(cells)
-                         + f" | {wall} |")
+                         + f" | {train_time} |")
     lines.append("")
     if record.get("differences"):
         base = record["methods"][record["baseline"]]["label"]

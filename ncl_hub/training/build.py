@@ -13,7 +13,8 @@ from ..models import NCLModel, WeightsUnavailableError, create_model
 
 PAPER_LR = 0.1  # the paper's CIFAR rate (batch 64), at which WARMUP_STEPS_DEFAULT was measured
 
-__all__ = ["build_criterion", "build_model", "build_optimizer", "build_scheduler", "describe_schedule", "lr_factor"]
+__all__ = ["build_criterion", "build_model", "build_optimizer", "build_scheduler", "describe_schedule", "lr_factor",
+           "needed_warmup_steps"]
 
 
 # ---------------------------------------------------------------------------------------------- model and loss
