@@ -77,6 +77,9 @@ class LossConfig:
     ramp_steps: int = 0
     """ramp the hard-category and distillation terms in linearly over this many optimizer steps (0 = off: the
     paper's form from the first step)"""
+    hard_weight: float = 1.0
+    """weight of the hard-category terms (NIL and NBOD on the mined classes): 1 = the paper; 0 drops Hard
+    Category Mining (an option, not in the paper)"""
 
 
 @dataclass
@@ -309,6 +312,7 @@ def check_config(cfg: RunConfig) -> None:
         (cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}"),
         (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
         (cfg.loss.ramp_steps >= 0, f"loss.ramp_steps must be >= 0, got {cfg.loss.ramp_steps}"),
+        (cfg.loss.hard_weight >= 0, f"loss.hard_weight must be >= 0, got {cfg.loss.hard_weight}"),
         (all(0 < m <= 1 for m in cfg.optim.milestones),
          "optim.milestones are fractions of the run in (0, 1] (the paper's 320 and 360 of 400 epochs are 0.8 and "
          f"0.9), got {[m for m in cfg.optim.milestones if not 0 < m <= 1]}"),

@@ -225,6 +225,7 @@ def ncl_loss(
     log_prior: Optional[torch.Tensor] = None,
     validate: bool = True,
     ramp: Union[float, torch.Tensor] = 1.0,
+    hard_weight: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
     """The supervised NCL objective L_nil + lambda L_dis (paper eq. 7, 10, 12 without L_con).
 
@@ -241,10 +242,13 @@ def ncl_loss(
         validate: check counts and labels (one host sync); NCLLoss checks once per call.
         ramp: factor in [0, 1] on the hard-category and distillation terms (an option, not in the paper:
             ramping them in over the first steps); 1 is the paper's objective.
+        hard_weight: weight of the hard-category terms nil_hard and nbod_hard (an option, not in the paper);
+            1 is the paper's objective, 0 drops Hard Category Mining and leaves NIL and NBOD on all classes.
 
     Returns:
         dict of scalar tensors ``loss``, ``nil_all``, ``nil_hard``, ``nbod_all``, ``nbod_hard`` with
-        loss = nil_all + ramp * (nil_hard + distill_weight * (nbod_all + nbod_hard)); the terms are unscaled.
+        loss = nil_all + ramp * (h nil_hard + distill_weight * (nbod_all + h nbod_hard)), h = hard_weight;
+        the terms are unscaled.
     """
     _check_variant(variant)
     if logits.ndim != 3:
@@ -270,7 +274,8 @@ def ncl_loss(
         "nbod_all": nbod_loss(logp_all, normalization),
         "nbod_hard": nbod_loss(logp_hard, normalization),
     }
-    out["loss"] = out["nil_all"] + ramp * (out["nil_hard"] + distill_weight * (out["nbod_all"] + out["nbod_hard"]))
+    hard = hard_weight * out["nil_hard"], hard_weight * out["nbod_hard"]
+    out["loss"] = out["nil_all"] + ramp * (hard[0] + distill_weight * (out["nbod_all"] + hard[1]))
     return out
 
 
@@ -289,6 +294,7 @@ class NCLLoss(nn.Module):
             the dataset's labels once up front and turns this off).
         ramp_steps: ramp the hard-category and distillation terms in linearly over this many optimizer steps
             (``set_step`` tells the loss where training is); 0 = off, the paper's objective throughout.
+        hard_weight: weight of the hard-category terms (1 = the paper; 0 = no Hard Category Mining).
     """
 
     log_prior: torch.Tensor
@@ -306,6 +312,7 @@ class NCLLoss(nn.Module):
         temperature: float = 0.2,
         validate_targets: bool = True,
         ramp_steps: int = 0,
+        hard_weight: float = 1.0,
     ):
         super().__init__()
         _check_variant(variant)
@@ -321,6 +328,9 @@ class NCLLoss(nn.Module):
         if ramp_steps < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
         self.ramp_steps = ramp_steps
+        if not hard_weight >= 0:
+            raise ValueError(f"hard_weight must be >= 0, got {hard_weight}")
+        self.hard_weight = hard_weight
         # a buffer updated in place, so a compiled graph reads it as an input instead of recompiling per value
         self.register_buffer("ramp", torch.ones(()), persistent=False)
         self.set_step(0)
@@ -357,6 +367,7 @@ class NCLLoss(nn.Module):
             logits, target, None, hard_ratio=self.hard_ratio, distill_weight=self.distill_weight,
             anchor=self.anchor if self.anchor is not None or anchor is None else anchor, variant=self.variant,
             log_prior=self.log_prior, validate=False, ramp=self.ramp if self.ramp_steps else 1.0,
+            hard_weight=self.hard_weight,
         )
         if query is not None:
             if key is None or queue is None:
@@ -367,7 +378,8 @@ class NCLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, hard_ratio={self.hard_ratio}, distill_weight={self.distill_weight}, "
-                f"anchor={self.anchor}, variant={self.variant!r}, ramp_steps={self.ramp_steps}")
+                f"anchor={self.anchor}, variant={self.variant!r}, ramp_steps={self.ramp_steps}, "
+                f"hard_weight={self.hard_weight}")
 
 
 def _check_variant(variant: str) -> None:

@@ -133,7 +133,8 @@ def test_schedule_options_are_checked_before_training(tiny_data, tmp_path):
 
     for bad, match in ((["--optim.milestones", "[320, 360]"], "fractions of the run"),
                        (["--optim.warmup_steps", "-1"], "warmup_steps"),
-                       (["--loss.ramp_steps", "-5"], "ramp_steps")):
+                       (["--loss.ramp_steps", "-5"], "ramp_steps"),
+                       (["--loss.hard_weight", "-1"], "hard_weight")):
         with pytest.raises(ConfigError, match=match):
             train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--output_dir", str(tmp_path / "x"), *bad])
         assert not (tmp_path / "x").exists()
@@ -181,6 +182,22 @@ def test_ramp_scales_the_hard_and_distillation_terms_only():
     crit.set_step(1)
     assert torch.allclose(crit(logits, target)["loss"], full["nil_all"] + 0.5 * extra)
     assert torch.allclose(NCLLoss(counts, anchor=1)(logits, target)["loss"], full["loss"])
+
+
+def test_hard_weight_scales_the_hard_category_terms_only():
+    torch.manual_seed(1)
+    logits, target, counts = torch.randn(3, 8, 6), torch.randint(6, (8,)), [30, 20, 10, 5, 3, 2]
+    full = ncl_loss(logits, target, counts, anchor=1)
+    none = ncl_loss(logits, target, counts, anchor=1, hard_weight=0.0)
+    for k in ("nil_all", "nil_hard", "nbod_all", "nbod_hard"):
+        assert torch.equal(full[k], none[k])
+    # without Hard Category Mining: NIL and NBOD on all classes only
+    assert torch.allclose(none["loss"], full["nil_all"] + 0.6 * full["nbod_all"])
+    crit = NCLLoss(counts, anchor=1, hard_weight=0.5)
+    expected = full["nil_all"] + 0.5 * full["nil_hard"] + 0.6 * (full["nbod_all"] + 0.5 * full["nbod_hard"])
+    assert torch.allclose(crit(logits, target)["loss"], expected)
+    with pytest.raises(ValueError, match="hard_weight"):
+        NCLLoss(counts, hard_weight=-1.0)
 
 
 def test_ramp_follows_the_optimizer_steps_in_training(tiny_data, tmp_path):

@@ -68,7 +68,7 @@ def build_criterion(cfg: RunConfig, class_counts: List[int]) -> nn.Module:
     if cfg.loss.name == "ncl":
         return NCLLoss(class_counts, hard_ratio=cfg.loss.hard_ratio, distill_weight=cfg.loss.distill_weight,
                        anchor=cfg.loss.anchor, variant=cfg.loss.variant, validate_targets=False,
-                       ramp_steps=cfg.loss.ramp_steps, **con)
+                       ramp_steps=cfg.loss.ramp_steps, hard_weight=cfg.loss.hard_weight, **con)
     return ExpertCELoss(class_counts, balanced=cfg.loss.name == "bsce", **con)
 
 
@@ -145,6 +145,8 @@ def describe_schedule(steps_per_epoch: int, cfg: RunConfig) -> List[str]:
                      for m in oc.milestones))]
     if cfg.loss.name == "ncl" and cfg.loss.ramp_steps:
         lines.append(f"loss: hard-category and distillation terms ramped in over {cfg.loss.ramp_steps} steps")
+    if cfg.loss.name == "ncl" and cfg.loss.hard_weight != 1:
+        lines.append(f"loss: hard-category terms weighted {cfg.loss.hard_weight:g} (the paper: 1)")
     warnings = []
     needed = needed_warmup_steps(oc.lr)
     if cfg.loss.name == "ncl" and oc.warmup_steps < needed and not cfg.init_from:
