@@ -340,6 +340,21 @@ def test_model_card_without_metrics_and_with_pretrained_backbone(tmp_path):
     _no_empty_section(card.content)
 
 
+def test_model_card_names_the_loss_options_that_depart_from_the_paper(tmp_path, tiny):
+    def loss_line(name, loss):
+        folder = hub.save_pretrained(tiny, tmp_path / name, config={"loss": loss, "epochs": 2})
+        return next(line for line in ModelCard.load(folder / "README.md").text.splitlines() if "**Loss:**" in line)
+
+    paper = {"name": "ncl", "variant": "paper", "hard_ratio": 0.3, "distill_weight": 0.6, "ramp_steps": 0,
+             "hard_weight": 1.0}
+    assert loss_line("a", paper) == "- **Loss:** `ncl` (variant paper, beta 0.3, lambda 0.6)"
+    changed = {**paper, "variant": "official", "hard_weight": 0.0, "ramp_steps": 250}
+    assert loss_line("b", changed) == (
+        "- **Loss:** `ncl` (variant official, beta 0.3, lambda 0.6; not in the paper: hard-category terms weighted 0 "
+        "(hard_weight); hard-category and distillation terms ramped in over 250 steps (ramp_steps))")
+    assert loss_line("c", {"name": "bsce"}) == "- **Loss:** `bsce`"
+
+
 # ---------------------------------------------------------------------------------------------- plain timm
 def _plain_source():
     torch.manual_seed(4)

@@ -51,6 +51,7 @@ class RunRecord:
     imbalance_factor: Optional[float] = None
     epochs: Optional[int] = None
     loss: Optional[str] = None
+    loss_details: Optional[str] = None  # NCL's equations, beta, lambda and any option that departs from the paper
     best_epoch: Optional[int] = None
     selected_expert: Optional[int] = None
     command: Optional[str] = None
@@ -69,6 +70,7 @@ class RunRecord:
             imbalance_factor=data.get("imbalance_factor", info.get("imbalance_factor")),
             epochs=_first(train.get("epochs"), config.get("epochs"), info.get("epochs")),
             loss=_first(train.get("loss"), loss.get("name") if isinstance(loss, dict) else loss),
+            loss_details=_describe_loss(loss) if isinstance(loss, dict) else None,
             best_epoch=info.get("best_epoch"),
             selected_expert=metrics.get("selected_expert", info.get("selected_expert")),
             command=info.get("command"),
@@ -76,6 +78,22 @@ class RunRecord:
             class_counts=metrics.get("class_counts") or info.get("class_counts"),
             pretrained_backbone=model.get("pretrained_backbone", model.get("pretrained")),
         )
+
+
+def _describe_loss(loss: dict) -> Optional[str]:
+    """For NCL: its equations, beta and lambda, and every option that departs from the paper's objective."""
+    if loss.get("name") != "ncl":
+        return None
+    parts = [f"variant {loss.get('variant', 'paper')}"]
+    parts += [f"{label} {loss[key]:g}" for key, label in (("hard_ratio", "beta"), ("distill_weight", "lambda"))
+              if isinstance(loss.get(key), (int, float))]
+    text = ", ".join(parts)
+    options = []
+    if loss.get("hard_weight", 1) != 1:
+        options.append(f"hard-category terms weighted {loss['hard_weight']:g} (hard_weight)")
+    if loss.get("ramp_steps"):
+        options.append(f"hard-category and distillation terms ramped in over {loss['ramp_steps']} steps (ramp_steps)")
+    return text + ("; not in the paper: " + "; ".join(options) if options else "")
 
 
 def _first(*values: Any) -> Any:
@@ -277,6 +295,7 @@ def _run_context(run: RunRecord, metrics: Optional[dict], model: Dict[str, Any])
         selection_note=selection_note, dataset=run.dataset, dataset_hub_id=_dataset_id(run.dataset),
         imbalance_factor=_imbalance_text(run.imbalance_factor), classes=_class_summary(model["class_counts"]),
         epochs=run.epochs, best_epoch=run.best_epoch, wall_time=_duration(run.wall_time_s), loss=run.loss,
+        loss_details=run.loss_details,
         command=run.command, short_schedule=short_schedule, groups=(metrics or {}).get("groups"),
         results=_results(metrics, variant, model["expert_index"], selected, selection_known=selection_note is not None),
         prior_shift=_prior_shift_table(metrics, this, "this model" if variant == "expert" else "selected"),
