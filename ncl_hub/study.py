@@ -72,9 +72,17 @@ class Study:
     def run_dir(self, method: str, seed: int) -> Path:
         return self.output_root / method / f"seed_{seed}"
 
-    def runs(self) -> List[Tuple[Method, int]]:
-        """Every (method, seed), seed-major: an interrupted study has every method at the same seeds."""
-        return [(m, s) for s in self.seeds for m in self.methods]
+    def runs(self, only: Optional[Sequence[str]] = None,
+             seeds: Optional[Sequence[int]] = None) -> List[Tuple[Method, int]]:
+        """Every (method, seed), seed-major: an interrupted study has every method at the same seeds. ``only`` and
+        ``seeds`` narrow it to some methods and seeds of the study; a name or seed the study lacks is an error."""
+        names = [m.name for m in self.methods]
+        unknown = [x for x in only or () if x not in names] + [x for x in seeds or () if x not in self.seeds]
+        if unknown:
+            raise ConfigError(f"study {self.name} has no method or seed {', '.join(map(str, unknown))}; its methods "
+                              f"are {', '.join(names)} and its seeds {', '.join(map(str, self.seeds))}")
+        return [(m, s) for s in self.seeds for m in self.methods
+                if (not only or m.name in only) and (seeds is None or s in seeds)]
 
 
 def load_study(path) -> Study:
@@ -176,9 +184,7 @@ def run_study(study: Study, *, jobs: int = 1, threads: Optional[int] = None, tra
     script = Path(train_script or Path(__file__).resolve().parents[1] / "recipes" / "train.py")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     pending = []
-    for method, seed in study.runs():
-        if (only and method.name not in only) or (seeds is not None and seed not in seeds):
-            continue
+    for method, seed in study.runs(only, seeds):
         run_dir = study.run_dir(method.name, seed)
         if is_finished(run_dir):
             log(f"done     {run_dir}")

@@ -52,16 +52,16 @@ def main(argv=None):
         failed = []
         if args.config:
             study = S.load_study(args.config)
+            only = args.only.split(",") if args.only else None
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             if args.dry_run:
-                for method, seed in study.runs():
+                for method, seed in study.runs(only, seeds):
                     run_dir = study.run_dir(method.name, seed)
                     state = "done" if S.is_finished(run_dir) else "resume" if (run_dir / "checkpoints").is_dir() \
                         else "new"
                     print(f"[{state}] python recipes/train.py {' '.join(S.run_argv(study, method, seed))}")
                 return 0
             if not args.report:
-                only = args.only.split(",") if args.only else None
-                seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
                 failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds)
             record = S.collect(study)
             record["machine"] = _machine()

@@ -121,6 +121,20 @@ def test_runs_held_by_another_runner_are_left_to_it(tmp_path, tiny_data):
     assert S._lock_owner(held) is None
 
 
+def test_only_and_seeds_narrow_the_runs_and_a_typo_is_an_error(tmp_path, tiny_data, capsys):
+    path = _write_study(tmp_path, tiny_data, seeds=[0, 1])
+    study = S.load_study(path)
+    assert [(m.name, s) for m, s in study.runs(["ncl"], [1])] == [("ncl", 1)]
+    assert len(study.runs()) == 2 * len(study.methods)
+    for only, seeds, name in ((["ncl_typo"], None, "ncl_typo"), (None, [7], "7")):
+        with pytest.raises(ConfigError, match=f"has no method or seed {name}"):
+            study.runs(only, seeds)
+    # the dry run lists exactly the runs a real one would start
+    assert study_recipe.main(["--config", str(path), "--only", "ncl", "--seeds", "1", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith("[new]") and printed[0].endswith("ncl/seed_1")
+
+
 def test_changed_settings_are_not_resumed_into_an_old_run(tmp_path, tiny_data):
     path = _write_study(tmp_path, tiny_data, seeds=[0])
     study = S.load_study(path)
