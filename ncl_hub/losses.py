@@ -274,8 +274,9 @@ def ncl_loss(
         "nbod_all": nbod_loss(logp_all, normalization),
         "nbod_hard": nbod_loss(logp_hard, normalization),
     }
-    hard = hard_weight * out["nil_hard"], hard_weight * out["nbod_hard"]
-    out["loss"] = out["nil_all"] + ramp * (hard[0] + distill_weight * (out["nbod_all"] + hard[1]))
+    # hard_weight 1 multiplies exactly: the paper's objective is unchanged to the last bit
+    nil_hard, nbod_hard = hard_weight * out["nil_hard"], hard_weight * out["nbod_hard"]
+    out["loss"] = out["nil_all"] + ramp * (nil_hard + distill_weight * (out["nbod_all"] + nbod_hard))
     return out
 
 
