@@ -28,7 +28,7 @@ from .models.moco import MocoConfig
 __all__ = [
     "ModelConfig", "LossConfig", "MocoConfig", "DataConfig", "OptimConfig", "RunConfig", "ConfigError",
     "parse_args", "parse_options", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
-    "save_config", "check_config", "describe", "WARMUP_STEPS_DEFAULT",
+    "save_config", "check_config", "describe", "loss_departures", "WARMUP_STEPS_DEFAULT",
 ]
 
 # Linear warm-up of the default and of every shipped config, in optimizer steps; shorter runs are warned
@@ -80,6 +80,19 @@ class LossConfig:
     hard_weight: float = 1.0
     """weight of the hard-category terms (NIL and NBOD on the mined classes): 1 = the paper; 0 drops Hard
     Category Mining (an option, not in the paper)"""
+
+
+def loss_departures(loss: Dict[str, Any]) -> List[str]:
+    """The NCL options of ``loss`` (a ``LossConfig`` as a dict, as saved with a run) set away from the paper's
+    objective, each a phrase naming its key; empty for the paper's form. The trainer prints them, the card
+    lists them."""
+    departures = []
+    if loss.get("hard_weight", 1) != 1:
+        departures.append(f"hard-category terms weighted {loss['hard_weight']:g} (hard_weight)")
+    if loss.get("ramp_steps"):
+        departures.append(
+            f"hard-category and distillation terms ramped in over {loss['ramp_steps']} steps (ramp_steps)")
+    return departures
 
 
 @dataclass

@@ -164,13 +164,19 @@ def test_numbers_without_a_dot_parse_as_numbers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- ramp
-def test_ramp_scales_the_hard_and_distillation_terms_only():
-    torch.manual_seed(0)
+def _paper_and_option(seed, **option):
+    """Inputs, the paper's loss and the loss with ``option``, whose unscaled terms must be the paper's."""
+    torch.manual_seed(seed)
     logits, target, counts = torch.randn(3, 8, 6), torch.randint(6, (8,)), [30, 20, 10, 5, 3, 2]
     full = ncl_loss(logits, target, counts, anchor=1)
-    half = ncl_loss(logits, target, counts, anchor=1, ramp=0.5)
+    changed = ncl_loss(logits, target, counts, anchor=1, **option)
     for k in ("nil_all", "nil_hard", "nbod_all", "nbod_hard"):
-        assert torch.equal(full[k], half[k])
+        assert torch.equal(full[k], changed[k])
+    return (logits, target, counts), full, changed
+
+
+def test_ramp_scales_the_hard_and_distillation_terms_only():
+    (logits, target, counts), full, half = _paper_and_option(0, ramp=0.5)
     extra = full["nil_hard"] + 0.6 * (full["nbod_all"] + full["nbod_hard"])
     assert torch.allclose(half["loss"], full["nil_all"] + 0.5 * extra)
     crit = NCLLoss(counts, anchor=1, ramp_steps=4)
@@ -185,12 +191,7 @@ def test_ramp_scales_the_hard_and_distillation_terms_only():
 
 
 def test_hard_weight_scales_the_hard_category_terms_only():
-    torch.manual_seed(1)
-    logits, target, counts = torch.randn(3, 8, 6), torch.randint(6, (8,)), [30, 20, 10, 5, 3, 2]
-    full = ncl_loss(logits, target, counts, anchor=1)
-    none = ncl_loss(logits, target, counts, anchor=1, hard_weight=0.0)
-    for k in ("nil_all", "nil_hard", "nbod_all", "nbod_hard"):
-        assert torch.equal(full[k], none[k])
+    (logits, target, counts), full, none = _paper_and_option(1, hard_weight=0.0)
     # without Hard Category Mining: NIL and NBOD on all classes only
     assert torch.allclose(none["loss"], full["nil_all"] + 0.6 * full["nbod_all"])
     crit = NCLLoss(counts, anchor=1, hard_weight=0.5)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 
+from ..config import loss_departures
 from .layout import HUB_ID, redact
 
 __all__ = ["CARD_TAGS", "RunRecord", "render_model_card"]
@@ -87,13 +88,8 @@ def _describe_loss(loss: dict) -> Optional[str]:
     parts = [f"variant {loss.get('variant', 'paper')}"]
     parts += [f"{label} {loss[key]:g}" for key, label in (("hard_ratio", "beta"), ("distill_weight", "lambda"))
               if isinstance(loss.get(key), (int, float))]
-    text = ", ".join(parts)
-    options = []
-    if loss.get("hard_weight", 1) != 1:
-        options.append(f"hard-category terms weighted {loss['hard_weight']:g} (hard_weight)")
-    if loss.get("ramp_steps"):
-        options.append(f"hard-category and distillation terms ramped in over {loss['ramp_steps']} steps (ramp_steps)")
-    return text + ("; not in the paper: " + "; ".join(options) if options else "")
+    departures = loss_departures(loss)
+    return ", ".join(parts) + ("; not in the paper: " + "; ".join(departures) if departures else "")
 
 
 def _first(*values: Any) -> Any:

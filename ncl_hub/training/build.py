@@ -2,13 +2,14 @@
 learning-rate schedule (with its description and warnings)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
-from ..config import WARMUP_STEPS_DEFAULT, ConfigError, RunConfig
+from ..config import WARMUP_STEPS_DEFAULT, ConfigError, RunConfig, loss_departures
 from ..models import NCLModel, WeightsUnavailableError, create_model
 
 PAPER_LR = 0.1  # the paper's CIFAR rate (batch 64), at which WARMUP_STEPS_DEFAULT was measured
@@ -143,10 +144,8 @@ def describe_schedule(steps_per_epoch: int, cfg: RunConfig) -> List[str]:
                  "x" + f"{oc.gamma:g} at " + ", ".join(
                      f"step {_milestone_step(m, total)} (epoch {_milestone_step(m, total) / steps_per_epoch:.1f})"
                      for m in oc.milestones))]
-    if cfg.loss.name == "ncl" and cfg.loss.ramp_steps:
-        lines.append(f"loss: hard-category and distillation terms ramped in over {cfg.loss.ramp_steps} steps")
-    if cfg.loss.name == "ncl" and cfg.loss.hard_weight != 1:
-        lines.append(f"loss: hard-category terms weighted {cfg.loss.hard_weight:g} (the paper: 1)")
+    if cfg.loss.name == "ncl":
+        lines += [f"loss, not in the paper: {d}" for d in loss_departures(dataclasses.asdict(cfg.loss))]
     warnings = []
     needed = needed_warmup_steps(oc.lr)
     if cfg.loss.name == "ncl" and oc.warmup_steps < needed and not cfg.init_from:
