@@ -6,7 +6,7 @@ validation hold-out, the sampler, per-sample seeded augmentation):
 * ``--pipeline pil``: ``build_train_loader``: image decode + the CIFAR policy (crop, flip, AutoAugment, Cutout) +
   the MoCo key view (unless ``--no-key-view``) in DataLoader workers;
 * ``--pipeline tensor``: ``build_tensor_loaders``: the split decoded once to uint8 (or read from the decoded-split
-  cache; the time is printed apart), then the same policy on whole chunks of tensors (``tensor_augment``) on
+  cache; the time is printed apart), then the same policy on whole chunks of tensors (``ncl_hub.data.tensor.augment``) on
   ``--device``; no key view (the tensor pipeline has none).
 
 images/s is the sustained rate over ``--batches`` batches (mean, not median: the tensor pipeline augments a chunk
@@ -64,7 +64,7 @@ def measure(data_dir: Path, pipeline: str, workers: int, batch: int, batches: in
     import torch
 
     from ncl_hub.data import build_data, build_train_loader
-    from ncl_hub.data.tensor_loaders import build_tensor_loaders
+    from ncl_hub.data.tensor.loaders import build_tensor_loaders
     from ncl_hub.training import build_model
 
     key_view = key_view and pipeline == "pil"

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The paper's CIFAR-10-LT IF 100 schedule (NCL, 3 x ResNet-32, 400 epochs, the released augmentation, MoCo off) on
 # one fresh GPU machine, in one command that stays inside a 10-minute slot (issue 11):
-#   1. environment: the wheels of .whl/ (jsonargparse, when the image lacks it), versions, the GPU;
+#   1. environment: the wheels of .whl/ (jsonargparse and datasets, when the image lacks them), versions, the GPU;
 #   2. smoke run: 2 short epochs with the fastest switch set; if it fails, the next set (SWITCHES, '|'-separated);
 #   3. the full run with the switch set that passed, stopped at whatever time is left of BUDGET_S;
 #   4. benchmarks/train_step.py on the device for the remaining seconds;
 # writing into OUT_DIR: log.txt (everything), summary.json (images/s, epochs, wall time, single and ensemble test
 # top-1; device_summary.py), metrics.json (the full run's evaluation), train_step.txt.
 #
-# Needs the data in .device/cifar10/ and, where jsonargparse is missing, the wheels in .whl/: run
+# Needs the data in .device/cifar10/ and, where jsonargparse or datasets is missing, the wheels in .whl/: run
 # `bash benchmarks/device_prepare.sh` on the development machine first, then with the device tool
 #   run(command="bash benchmarks/device_reproduce.sh $OUT", carry=[".device", ".whl"], timeout_s=600)
 # CPU dry run at tiny scale (no GPU): DEVICE=cpu EPOCHS=1 LIMIT=512 PYTHON=.venv/bin/python \
@@ -51,13 +51,13 @@ export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # the smoke run's compilation i
 
 echo "== device_reproduce: $(date -u +%FT%TZ) DEVICE=$DEVICE EPOCHS=$EPOCHS LIMIT=${LIMIT:-none} DATA=$DATA"
 # ------------------------------------------------------------------------------------------------ 1. environment
-if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null; then
+if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client, datasets" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
       .whl/*.whl || exit 3
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   else
-    echo "jsonargparse is missing and .whl/ holds no wheels: run benchmarks/device_prepare.sh first"; exit 2
+    echo "jsonargparse or datasets is missing and .whl/ holds no wheels: run benchmarks/device_prepare.sh first"; exit 2
   fi
 fi
 if [ ! -f "$DATA/train.parquet" ]; then
@@ -68,11 +68,10 @@ import sys
 import accelerate, timm, torch
 try:
     import datasets
-    found = f"datasets {datasets.__version__}"
-except ImportError:
-    found = "datasets absent (pyarrow reader)"
+except ImportError as e:
+    sys.exit(f"error: datasets does not import ({e}). Run benchmarks/device_prepare.sh and carry .whl/")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, accelerate "
-      f"{accelerate.__version__}, {found}")
+      f"{accelerate.__version__}, datasets {datasets.__version__}")
 if sys.argv[1] == "cuda":
     if not torch.cuda.is_available():
         sys.exit("DEVICE=cuda but torch sees no GPU")

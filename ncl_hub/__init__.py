@@ -10,7 +10,7 @@ from .losses import (
     NCLLoss, balanced_logits, hard_category_mask, moco_loss, nbod_loss, ncl_loss, nil_loss,
 )
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "HUB_ORG", "PAPER_MODELS", "CosineClassifier", "MocoConfig", "NCLModel", "WeightsUnavailableError",

@@ -21,10 +21,10 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-import yaml
+from . import files
 
-__all__ = ["ConfigError", "Layer", "cli_pairs", "data_layer", "describe", "expects", "leaves", "parse", "parse_options",
-           "read_yaml", "resolve_key"]
+__all__ = ["ConfigError", "Layer", "cli_pairs", "data_layer", "describe", "expects", "flatten", "leaves", "parse",
+           "parse_options", "read_yaml", "resolve_key"]
 
 T = TypeVar("T")
 Layer = Tuple[str, Dict[str, Any]]  # (source, {dotted path: value, or command-line text})
@@ -69,12 +69,14 @@ def resolve_key(key: str, known: Dict[str, Any], *, shortcuts: bool = True,
     raise ConfigError(f"unknown config key {key!r}.{hint} Run with --help to list every key.")
 
 
-def _flatten(data: Dict[str, Any], sections: set, prefix: str = "") -> Dict[str, Any]:
+def flatten(data: Dict[str, Any], sections: set, prefix: str = "") -> Dict[str, Any]:
+    """Nested mappings of options as one mapping of dotted keys (``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``);
+    only the mappings named in ``sections`` are opened (a dict-valued option stays one value)."""
     out: Dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and path in sections:
-            out.update(_flatten(value, sections, path + "."))
+            out.update(flatten(value, sections, path + "."))
         else:
             out[path] = value
     return out
@@ -139,7 +141,7 @@ def data_layer(cls: type, data: Dict[str, Any], source: str,
     sections = {path.split(".")[0] for path in known if "." in path}
     try:
         return source, {resolve_key(k, known, shortcuts=False, renamed=renamed): v
-                        for k, v in _flatten(data, sections).items()}
+                        for k, v in flatten(data, sections).items()}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -150,12 +152,9 @@ def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a damaged or foreign file: name it, not a traceback
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix or replace it") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
-    return data
+        return files.read_yaml(path, fix="Fix or replace it.")
+    except files.DamagedFileError as e:  # a damaged or foreign file: name it, not a traceback
+        raise ConfigError(f"config file {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- parsing

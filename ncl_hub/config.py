@@ -13,22 +13,22 @@ import functools
 import json
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 
+from . import files
 from .cli import (
-    ConfigError, cli_pairs, data_layer, describe as _describe, expects, leaves, parse, parse_options, read_yaml,
-    resolve_key,
+    ConfigError, cli_pairs, data_layer, describe as _describe, expects, flatten, leaves, parse, parse_options,
+    read_yaml, resolve_key,
 )
-from .models.moco import MocoConfig
 
 __all__ = [
     "ModelConfig", "LossConfig", "MocoConfig", "DataConfig", "OptimConfig", "RunConfig", "ConfigError",
     "parse_args", "parse_options", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
-    "save_config", "check_config", "describe", "loss_departures", "WARMUP_STEPS_DEFAULT",
+    "save_config", "check_config", "describe", "flat_config", "loss_departures", "WARMUP_STEPS_DEFAULT",
 ]
 
 # Linear warm-up of the default and of every shipped config, in optimizer steps; shorter runs are warned
@@ -58,6 +58,57 @@ class ModelConfig:
     """gradient checkpointing in the trunks (less memory, more compute)"""
     expert_execution: Literal["sequential", "batched"] = "sequential"
     """batched: run the K experts as one vmapped computation (grouped convolutions; for small trunks on a GPU)"""
+
+
+@dataclass
+class MocoConfig:
+    """MoCo-v2 branch of each expert (paper section 3.5).
+
+    The projection is Linear(D, hidden_dim) - ReLU - Linear(hidden_dim, dim) on both the query and the key side;
+    the key side (trunk and projection) is a momentum copy of the query side. ``weight`` and ``temperature`` are
+    read by the loss, the rest by the model.
+    """
+
+    enabled: bool = True
+    """add a MoCo-v2 self-supervised branch per expert (paper section 3.5)"""
+    dim: int = 128
+    """projection output size"""
+    hidden_dim: Optional[int] = None
+    """projection hidden size; null = the trunk's feature size"""
+    queue_size: int = 65536
+    """negative keys kept per expert"""
+    temperature: float = 0.2
+    """InfoNCE temperature"""
+    momentum: float = 0.999
+    """EMA factor of the key encoders"""
+    weight: float = 1.0
+    """weight of the contrastive loss"""
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.queue_size < 1:
+            raise ValueError(f"MoCo dim and queue_size must be >= 1, got dim={self.dim}, queue_size={self.queue_size}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"MoCo momentum must be in [0, 1), got {self.momentum}")
+        if self.temperature <= 0:
+            raise ValueError(f"MoCo temperature must be > 0, got {self.temperature}")
+
+    @classmethod
+    def from_any(cls, value: Union[None, bool, dict, "MocoConfig"]) -> Optional["MocoConfig"]:
+        """The branch to build: None for None, False or ``enabled=False``; True gives the defaults; a dict holds
+        fields (``enabled`` defaults to true there)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown MoCo option(s) {unknown}; valid: {sorted(known)}")
+            value = cls(**value)
+        if isinstance(value, cls):
+            return value if value.enabled else None
+        raise TypeError(f"moco must be None, a dict or a MocoConfig, got {type(value).__name__}")
 
 
 @dataclass
@@ -302,8 +353,15 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flat_config(cfg: Union[RunConfig, Dict[str, Any]]) -> Dict[str, Any]:
+    """A run configuration (or ``config_to_dict``'s mapping) as ``{dotted key: value}``, e.g. ``"optim.lr": 0.1``:
+    how studies compare two runs' settings and trackers log them."""
+    data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
+    return flatten(data, {path.split(".")[0] for path in leaves(RunConfig) if "." in path})
+
+
 def save_config(cfg: RunConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    files.atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe() -> str:

@@ -1,25 +1,32 @@
-"""Reading the files a model or a checkpoint is made of, so that a damaged or wrong file is one clear error.
+"""Reading and writing the files of runs, checkpoints and exports: a damaged or wrong file is one clear error, and
+nothing is ever left half-written.
 
 Every reader here raises :class:`DamagedFileError` naming the file, what is wrong with it (empty, truncated, not
-safetensors, not JSON, a Git LFS pointer, a pickle, ...) and what to do. Weights are read with safetensors or with
+safetensors, not JSON or YAML, a Git LFS pointer, a pickle, ...) and what to do. Every writer writes a temporary
+sibling and renames it into place (:func:`atomic_write`, :func:`atomic_folder`, :func:`swap_folder`), so a kill
+mid-write leaves the previous file or folder as it was. Weights are read with safetensors or with
 ``torch.load(weights_only=True)``; nothing is unpickled. ``fetch_hub_file`` downloads a file from the Hugging Face
 Hub and, when the copy it gets is damaged (an interrupted download left in the cache), fetches it once more with
 ``force_download=True``, or, offline, names the cached file to delete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Union
 
 import torch
+import yaml
 
 __all__ = [
-    "DamagedFileError", "WEIGHT_FILES", "check_checkpoint_folder", "fetch_hub_file", "find_weights", "read_json",
-    "read_weights",
+    "DamagedFileError", "WEIGHT_FILES", "atomic_folder", "atomic_write", "check_checkpoint_folder", "fetch_hub_file",
+    "find_weights", "read_json", "read_weights", "read_yaml", "split_revision", "swap_folder", "write_json",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -155,14 +162,16 @@ def read_weights(path: PathLike, *, fix: str = "") -> Dict[str, torch.Tensor]:
     return state
 
 
-def read_json(path: PathLike, *, fix: str = "") -> Dict[str, Any]:
-    """The JSON object in ``path``.
+def read_json(path: PathLike, *, fix: str = "", missing_ok: bool = False) -> Optional[Dict[str, Any]]:
+    """The JSON object in ``path`` (None for a missing file when ``missing_ok``).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (unless ``missing_ok``).
         DamagedFileError: empty, not UTF-8 text, not JSON (with the line and column), or not a JSON object.
     """
     path = Path(path)
+    if missing_ok and not path.is_file():
+        return None
     data = path.read_bytes()
     if not data.strip():
         raise _damaged(path, "is empty: an interrupted copy or download", fix)
@@ -184,6 +193,87 @@ def read_json(path: PathLike, *, fix: str = "") -> Dict[str, Any]:
     return value
 
 
+def read_yaml(path: PathLike, *, fix: str = "", missing_ok: bool = False) -> Optional[Dict[str, Any]]:
+    """The YAML mapping in ``path`` (an empty file is an empty mapping; None for a missing file when
+    ``missing_ok``).
+
+    Raises:
+        FileNotFoundError: no such file (unless ``missing_ok``).
+        DamagedFileError: not UTF-8 text, not YAML, or not a mapping.
+    """
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        value = yaml.safe_load(data.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise _damaged(path, "is not YAML: it is binary data, not UTF-8 text", fix) from None
+    except yaml.YAMLError as e:
+        raise _damaged(path, f"is not valid YAML ({' '.join(str(e).split())})", fix) from None
+    if not isinstance(value, dict):
+        raise _damaged(path, f"holds a YAML {type(value).__name__}, not the mapping expected", fix)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def atomic_write(path: PathLike, content: Union[str, bytes, Callable[[Path], Any]]) -> Path:
+    """Write ``path`` all at once: ``content`` (text, bytes, or a function that writes the file it is given) goes
+    to a temporary sibling, which then replaces ``path`` (``os.replace``: atomic on one filesystem). On any error
+    the temporary file is removed and an existing ``path`` is left as it was. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: PathLike, value: Any, *, indent: Optional[int] = 2) -> Path:
+    """``value`` as JSON in ``path``, written atomically (:func:`atomic_write`)."""
+    return atomic_write(path, json.dumps(value, indent=indent))
+
+
+def swap_folder(new: PathLike, folder: PathLike) -> None:
+    """Put the complete folder ``new`` in place of ``folder`` (which may not exist): two renames on one filesystem
+    (old -> backup, new -> folder), then the backup is deleted; no moment leaves ``folder`` half-written."""
+    new, folder = Path(new), Path(folder)
+    backup = None
+    if folder.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        backup.rmdir()
+        os.rename(folder, backup)
+    os.rename(new, folder)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``folder``; on success it replaces ``folder`` (:func:`swap_folder`).
+
+    An exception inside the block removes the temporary folder and leaves an existing ``folder`` untouched.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_folder(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------- exports and the Hub
 def find_weights(folder: PathLike) -> Optional[Path]:
     """The weight file of an export folder: the first of ``WEIGHT_FILES`` present, else None."""
     folder = Path(folder)
@@ -196,6 +286,15 @@ def _is_offline() -> bool:
     return bool(constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE)
 
 
+def split_revision(repo_id: str) -> Tuple[str, Optional[str]]:
+    """``"ORG/NAME@REV"`` -> ``("ORG/NAME", "REV")``; no ``@`` -> revision None. (timm parses its ``hf-hub:`` ids the
+    same way, in a function it does not export.)"""
+    repo, sep, revision = repo_id.partition("@")
+    if not repo or (sep and (not revision or "@" in revision)):
+        raise ValueError(f"{repo_id!r} is not a Hub repo id: expected ORG/NAME or ORG/NAME@REVISION")
+    return repo, revision or None
+
+
 def fetch_hub_file(repo_id: str, filename: str, read: Callable[[Path], T], *,
                    cache_dir: Optional[PathLike] = None) -> T:
     """Download ``filename`` of Hub repo ``repo_id`` (``ORG/NAME[@REV]``) and ``read`` it.
@@ -205,9 +304,8 @@ def fetch_hub_file(repo_id: str, filename: str, read: Callable[[Path], T], *,
     (no network, no such repo or file) propagate unchanged.
     """
     from huggingface_hub import hf_hub_download
-    from timm.models._hub import hf_split
 
-    repo, revision = hf_split(repo_id)
+    repo, revision = split_revision(repo_id)
 
     def download(force: bool) -> Path:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir, library_name="ncl_hub",

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .labels import check_labels
+
 __all__ = [
     "balanced_logits",
     "hard_category_mask",
@@ -60,16 +62,8 @@ def validate_class_counts(class_counts: Union[torch.Tensor, Sequence[float]]) ->
 
 
 def validate_target(target: torch.Tensor, num_classes: int) -> None:
-    """Raise ValueError naming the offending label if any target is outside [0, num_classes)."""
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    bad = (target < 0) | (target >= num_classes)
-    if bool(bad.any()):
-        idx = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"target[{idx}] = {int(target[idx])} is outside [0, {num_classes}): labels must be class "
-            f"indices below the number of classes ({num_classes})."
-        )
+    """Raise ValueError naming the offending label if any target [B] is outside [0, num_classes)."""
+    check_labels(target, num_classes, what="target")
 
 
 def num_hard_classes(num_classes: int, hard_ratio: float) -> int:

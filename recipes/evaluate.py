@@ -9,15 +9,15 @@ ensemble and of every expert, calibration, expert disagreement, accuracy under s
     python recipes/evaluate.py outputs/digits_demo --class-prior train  # deployed where classes follow training
 
 Any training key (--data.dataset, --data.limit_eval, ...) overrides the run's saved configuration.
-All logic lives in ncl_hub.evaluate.
+All logic lives in ncl_hub.apps.evaluate.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ncl_hub.apps import EvaluateOptions, evaluate_run  # noqa: E402
 from ncl_hub.config import ConfigError, RunConfig, parse_options  # noqa: E402
-from ncl_hub.evaluate import EvaluateOptions, evaluate_run  # noqa: E402
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@
     python recipes/study.py --config ... --dry-run                                   # the train.py commands
 
 Each run is recipes/train.py in its own process, log in <run>/train.log. The record of a study is written to
-docs/results/<name>.json; docs/results.md is generated from all records. All logic lives in ncl_hub.study.
+docs/results/<name>.json; docs/results.md is generated from all records. The runner lives in benchmarks/study/
+(beside the recipes it drives, not in the installed package).
 """
 import argparse
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+import benchmarks.study as S  # noqa: E402
 from ncl_hub.config import ConfigError  # noqa: E402
-from ncl_hub import study as S  # noqa: E402
 
 
 def _machine() -> str:
@@ -32,6 +33,20 @@ def _machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} vCPUs ({cpu}), torch {torch.__version__}"
+
+
+def _dry_run(study, only, seeds, results_dir: Path) -> None:
+    """Print each run's train.py command and state, and where the runs of methods taken from a record come from."""
+    for method in study.taken(only):
+        _, src = S.read_source(method, results_dir)  # a missing record or method is an error here already
+        have = [s for s in study.seeds_of(method) if (seeds is None or s in seeds) and str(s) in src["runs"]]
+        record = results_dir / f"{method.taken_from.split('/')[0]}.json"
+        print(f"[from] {method.name}: the runs of {method.taken_from} in {record} "
+              f"(seeds {', '.join(map(str, have)) or 'none finished'})")
+    for method, seed in study.runs(only, seeds):
+        run_dir = study.run_dir(method.name, seed)
+        state = "done" if S.is_finished(run_dir) else "resume" if (run_dir / "checkpoints").is_dir() else "new"
+        print(f"[{state}] python recipes/train.py {' '.join(S.run_argv(study, method, seed))}")
 
 
 def main(argv=None):
@@ -55,15 +70,11 @@ def main(argv=None):
             only = args.only.split(",") if args.only else None
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             if args.dry_run:
-                for method, seed in study.runs(only, seeds):
-                    run_dir = study.run_dir(method.name, seed)
-                    state = "done" if S.is_finished(run_dir) else "resume" if (run_dir / "checkpoints").is_dir() \
-                        else "new"
-                    print(f"[{state}] python recipes/train.py {' '.join(S.run_argv(study, method, seed))}")
+                _dry_run(study, only, seeds, Path(args.results_dir))
                 return 0
             if not args.report:
                 failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds)
-            record = S.collect(study)
+            record = S.collect(study, Path(args.results_dir))
             record["machine"] = _machine()
             out = Path(args.results_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +86,7 @@ def main(argv=None):
             print(f"{len(failed)} run(s) failed: " + ", ".join(map(str, failed)))
             return 1
         return 0
-    except ConfigError as e:
+    except (ConfigError, ImportError) as e:  # ImportError: matplotlib, for a schedule figure, is not installed
         if argv is not None:
             raise
         sys.exit(f"error: {e}")

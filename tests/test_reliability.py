@@ -121,7 +121,8 @@ def _final_weights(run: Path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import ncl_hub.losses as L  # build_criterion takes NCLLoss from here
+    import ncl_hub.losses as L
+    import ncl_hub.training.build as B  # build_criterion takes NCLLoss from here
 
     calls = {"n": 0}
 
@@ -134,7 +135,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
                 out["loss"] = out["loss"] + out["nbod_hard"]
             return out
 
-    monkeypatch.setattr(L, "NCLLoss", PoisonedLoss)
+    monkeypatch.setattr(B, "NCLLoss", PoisonedLoss)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"optimizer step 4: loss=nan, nbod_hard=nan"):
         train_recipe.main([*TINY, "--data.dataset", str(tiny_data), "--epochs", "3", "--output_dir", str(out)])

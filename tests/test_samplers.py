@@ -5,7 +5,7 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
 from ncl_hub.data import long_tailed_counts
-from ncl_hub.samplers import SAMPLERS, build_sampler
+from ncl_hub.data.samplers import SAMPLERS, build_sampler
 
 NAMES = list(SAMPLERS)
 NUM_CLASSES = 10

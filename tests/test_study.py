@@ -1,4 +1,6 @@
-"""The study runner on tiny data: two methods x two seeds, a killed run resumed, the report regenerated."""
+"""The study runner on tiny data: two methods x two seeds, a killed run resumed, the report regenerated; and, on
+fake finished run folders and records, schedule-length studies (methods taken from another study's record, seeds
+per method, series paired at equal epochs)."""
 import json
 import shutil
 import sys
@@ -6,7 +8,9 @@ import sys
 import pytest
 import yaml
 
-from ncl_hub import study as S
+import benchmarks.study as S
+from benchmarks.study import report, run
+from benchmarks.study.record import _stats
 from ncl_hub.config import ConfigError
 
 from conftest import REPO, TINY
@@ -118,7 +122,7 @@ def test_runs_held_by_another_runner_are_left_to_it(tmp_path, tiny_data):
     assert S.run_study(study, only=["ncl"], log=lines.append) == []
     assert any("held by pid" in line for line in lines) and not (held / "train.log").exists()
     (held / ".lock").write_text("999999999")  # a stale lock (no such process) is ignored
-    assert S._lock_owner(held) is None
+    assert run._lock_owner(held) is None
 
 
 def test_only_and_seeds_narrow_the_runs_and_a_typo_is_an_error(tmp_path, tiny_data, capsys):
@@ -153,10 +157,10 @@ def test_changed_settings_are_not_resumed_into_an_old_run(tmp_path, tiny_data):
 
 
 def test_numbers_from_one_seed_say_so_instead_of_a_zero_spread():
-    one = S._stats([31.2])
-    assert S._fmt(one) == "31.20 (1 seed)" and S._fmt(S._stats([-3.25]), signed=True) == "-3.25 (1 seed)"
-    two = S._stats([30.0, 32.0])
-    assert S._fmt(two) == "31.00 ± 1.41 (30.0, 32.0)" and S._fmt(S._stats([])) == "n/a"
+    one = _stats([31.2])
+    assert report._fmt(one) == "31.20 (1 seed)" and report._fmt(_stats([-3.25]), signed=True) == "-3.25 (1 seed)"
+    two = _stats([30.0, 32.0])
+    assert report._fmt(two) == "31.00 ± 1.41 (30.0, 32.0)" and report._fmt(_stats([])) == "n/a"
 
 
 def test_results_page_orders_studies_by_position_then_name(tmp_path, monkeypatch):
@@ -164,7 +168,152 @@ def test_results_page_orders_studies_by_position_then_name(tmp_path, monkeypatch
     records.mkdir()
     for name, position in (("a_last", None), ("b_second", 2), ("c_first", 1)):
         (records / f"{name}.json").write_text(json.dumps({"name": name, "position": position}))
-    monkeypatch.setattr(S, "render_study", lambda r: f"## {r['name']}")
+    monkeypatch.setattr(report, "render_study", lambda r, **kw: f"## {r['name']}")
     page = S.write_results(records, tmp_path / "results.md")
     text = page.read_text()
     assert text.index("## c_first") < text.index("## b_second") < text.index("## a_last")
+
+
+# ---------------------------------------------------------------------------------------------- schedule studies
+def _fake_run(run_dir, test, val, test_ensemble=None):
+    """A finished run folder with just the files ``collect`` reads: top-1 of the selected expert and the ensemble
+    (which gains as much on validation as on test)."""
+    def split(single, ensemble):
+        return {"experts": [{"top1": single}], "ensemble": {"top1": ensemble}}
+
+    (run_dir / "eval").mkdir(parents=True)
+    gain = 0.0 if test_ensemble is None else test_ensemble - test
+    splits = {"val": split(val, val + gain), "test": split(test, test + gain)}
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps({"selected_expert": 0, "splits": splits}))
+    (run_dir / "run_info.json").write_text(json.dumps({"history": [], "commit": "abc1234", "best_epoch": 1,
+                                                       "wall_time_s": 1.0}))
+
+
+def _source_record(tmp_path, tiny_data, results):
+    """The record of an earlier study ``src`` (2 epochs): bsce_k1 and ncl at seeds 0 and 1, test top-1 40/42 and
+    41/45 (ncl's ensemble 43/46)."""
+    study = S.load_study(_write_study(tmp_path, tiny_data, name="src", output_root=str(tmp_path / "src_runs")))
+    for seed, (bsce, ncl, ncl_ens) in enumerate(((40.0, 41.0, 43.0), (42.0, 45.0, 46.0))):
+        _fake_run(study.run_dir("bsce_k1", seed), bsce, bsce - 1)
+        _fake_run(study.run_dir("ncl", seed), ncl, ncl - 2, ncl_ens)
+    results.mkdir(exist_ok=True)
+    (results / "src.json").write_text(json.dumps(S.collect(study)))
+
+
+def _schedule_study(tmp_path, tiny_data, **extra):
+    """``sched``: BSCE and NCL at 2 epochs taken from ``src`` (NCL at seed 1 only), and trained at 4 epochs (seed 0)."""
+    methods = {
+        "bsce_e2": {"label": "BSCE", "series": "bsce", "from": "src/bsce_k1"},
+        "ncl_e2": {"label": "NCL", "series": "ncl", "from": "src/ncl", "seeds": [1]},
+        "bsce_e4": {"label": "BSCE", "series": "bsce", "seeds": [0],
+                    "overrides": {"loss.name": "bsce", "model.num_experts": 1, "epochs": 4}},
+        "ncl_e4": {"label": "NCL", "series": "ncl", "seeds": [0], "overrides": {"model.num_experts": 2, "epochs": 4}},
+    }
+    spec = dict(name="sched", output_root=str(tmp_path / "sched_runs"), series={"bsce": "BSCE", "ncl": "NCL"},
+                methods=methods, baseline="bsce", findings="NCL at 4 epochs: {{diff:ncl_e4:test/single/top1}}.")
+    return _write_study(tmp_path, tiny_data, **{**spec, **extra})
+
+
+def test_schedule_study_takes_runs_from_a_record_and_pairs_series_at_equal_epochs(tmp_path, tiny_data, capsys):
+    results, page = tmp_path / "results", tmp_path / "results.md"
+    _source_record(tmp_path, tiny_data, results)
+    path = _schedule_study(tmp_path, tiny_data)
+    study = S.load_study(path)
+    # only the 4-epoch methods train, at their own seeds; --seeds respects them
+    assert [(m.name, s) for m, s in study.runs()] == [("bsce_e4", 0), ("ncl_e4", 0)]
+    assert study.runs(seeds=[1]) == [] and study.runs(["ncl_e2"]) == []
+    assert study_recipe.main(["--config", str(path), "--dry-run", "--results-dir", str(results)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"[from] bsce_e2: the runs of src/bsce_k1 in {results / 'src.json'} (seeds 0, 1)",
+                           f"[from] ncl_e2: the runs of src/ncl in {results / 'src.json'} (seeds 1)"]
+    assert len(printed) == 4 and printed[2].endswith("bsce_e4/seed_0") and printed[3].endswith("ncl_e4/seed_0")
+
+    _fake_run(study.run_dir("bsce_e4", 0), 50.0, 48.0)
+    _fake_run(study.run_dir("ncl_e4", 0), 54.0, 51.0, 57.0)
+    argv = ["--config", str(path), "--report", "--results-dir", str(results), "--markdown", str(page)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="plots"):
+            study_recipe.main(argv)
+        return
+    assert study_recipe.main(argv) == 0
+    record = json.loads((results / "sched.json").read_text())
+    methods = record["methods"]
+    assert not (tmp_path / "sched_runs" / "bsce_e2").exists() and not (tmp_path / "sched_runs" / "ncl_e2").exists()
+    assert methods["bsce_e2"]["from"] == "src/bsce_k1" and list(methods["bsce_e2"]["runs"]) == ["0", "1"]
+    assert list(methods["ncl_e2"]["runs"]) == ["1"] and methods["ncl_e2"]["seeds"] == [1]
+    assert [methods[n]["epochs"] for n in ("bsce_e2", "ncl_e2", "bsce_e4", "ncl_e4")] == [2, 2, 4, 4]
+    # each NCL method against the BSCE method of its own length, seed by seed: 45 - 42 at 2 epochs, 54 - 50 at 4
+    d2, d4 = record["differences"]["ncl_e2"], record["differences"]["ncl_e4"]
+    assert d2["baseline"] == "bsce_e2" and d2["seeds"] == [1] and d4["baseline"] == "bsce_e4"
+    assert d2["vs_baseline_single"]["test/single/top1"]["values"] == [3.0]
+    assert d2["vs_baseline_single"]["test/ensemble/top1"]["values"] == [4.0]
+    assert d4["vs_baseline_single"]["test/single/top1"]["values"] == [4.0]
+    assert d4["vs_baseline_single"]["test/ensemble/top1"]["values"] == [7.0]
+    assert set(record["differences"]) == {"ncl_e2", "ncl_e4"}
+
+    text = page.read_text()
+    table = text[text.index("### Schedule length"):]
+    assert "| series | | 2 epochs | 4 epochs |" in table
+    assert "| NCL | test single minus baseline | +3.00 (1 seed) | +4.00 (1 seed) |" in table
+    assert "|  | test ensemble minus baseline | +4.00 (1 seed) | +7.00 (1 seed) |" in table
+    assert "|  | validation | 43.00 (1 seed) / 44.00 (1 seed) | 51.00 (1 seed) / 54.00 (1 seed) |" in table
+    assert "| BSCE (baseline) | validation | 40.00 ± 1.41 | 48.00 (1 seed) |" in table
+    assert "| NCL, 4 epochs | 1 | single |" in text and "NCL at 4 epochs: +4.00 (1 seed)." in text
+    assert "![Paired test difference to BSCE against schedule length](results/sched_schedule.png)" in text
+    assert (results / "sched_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_baseline_naming_a_method_gives_todays_record_and_page(tmp_path, tiny_data):
+    results = tmp_path / "results"
+    _source_record(tmp_path, tiny_data, results)
+    record = json.loads((results / "src.json").read_text())
+    assert set(record) == {"name", "position", "title", "description", "findings", "study_file", "config", "common",
+                           "seeds", "baseline", "methods", "commits", "differences"}
+    assert all(set(m) == {"label", "overrides", "runs", "summary"} for m in record["methods"].values())
+    assert set(record["differences"]["ncl"]) == {"seeds", "vs_baseline_single"}
+    assert "Schedule length" not in S.render_study(record)
+    # the committed records still give the committed page, byte for byte
+    committed = REPO / "docs" / "results"
+    for source in committed.glob("*.json"):
+        shutil.copy(source, results / source.name)
+    (results / "src.json").unlink()
+    page = S.write_results(results, tmp_path / "results.md")
+    assert page.read_text() == (REPO / "docs" / "results.md").read_text()
+
+
+def test_a_from_naming_a_missing_record_or_method_is_an_error_naming_it(tmp_path, tiny_data):
+    results = tmp_path / "results"
+    path = _schedule_study(tmp_path, tiny_data)
+    with pytest.raises(ConfigError, match="bsce_e2 takes its runs from src/bsce_k1, but there is no record .*src.json"):
+        S.collect(S.load_study(path), results)
+    _source_record(tmp_path, tiny_data, results)
+    methods = {"bsce_e2": {"series": "bsce", "from": "src/bsce_k2"}}
+    study = S.load_study(_schedule_study(tmp_path, tiny_data, methods=methods))
+    with pytest.raises(ConfigError, match="the record .*src.json has no method bsce_k2; its methods are bsce_k1, ncl"):
+        study_recipe.main(["--config", str(study.source), "--dry-run", "--results-dir", str(results)])
+
+
+@pytest.mark.parametrize("method, message", [
+    ({"from": "src", "series": "bsce"}, "write it as STUDY/METHOD"),
+    ({"from": "src/bsce_k1", "overrides": {"epochs": 3}}, "so it has no overrides"),
+    ({"seeds": [5], "overrides": {}}, r"seeds \[5\]; give some of the study's seeds"),
+    ({"series": "nope", "overrides": {}}, "series 'nope'"),
+    ({"serie": "bsce", "overrides": {}}, r"unknown keys \['serie'\]"),
+])
+def test_bad_schedule_keys_are_refused(tmp_path, tiny_data, method, message):
+    with pytest.raises(ConfigError, match=message):
+        S.load_study(_schedule_study(tmp_path, tiny_data, methods={"m": method}))
+
+
+def test_two_methods_of_one_series_and_length_or_a_length_without_baseline_are_errors(tmp_path, tiny_data):
+    results = tmp_path / "results"
+    _source_record(tmp_path, tiny_data, results)
+    both = {"a": {"series": "ncl", "from": "src/ncl"}, "b": {"series": "ncl", "from": "src/ncl"},
+            "c": {"series": "bsce", "from": "src/bsce_k1"}}
+    with pytest.raises(ConfigError, match="a and b are both series ncl at 2 epochs"):
+        S.collect(S.load_study(_schedule_study(tmp_path, tiny_data, methods=both)), results)
+    lone = {"a": {"series": "ncl", "overrides": {"epochs": 4}}, "c": {"series": "bsce", "from": "src/bsce_k1"}}
+    with pytest.raises(ConfigError, match="a trains 4 epochs, but the baseline series bsce has no method of 4"):
+        S.collect(S.load_study(_schedule_study(tmp_path, tiny_data, methods=lone)), results)

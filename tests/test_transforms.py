@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import ncl_hub  # noqa: F401  (registers the CIFAR models with timm)
-from ncl_hub.transforms import (
+from ncl_hub.data.transforms import (
     BACKGROUND, Cutout, ImageDecodeError, ToRGB, TransformedImageDataset, build_train_transform, cifar_train_transform,
     eval_transform, imagenet_train_transform, moco_key_transform, to_rgb,
 )

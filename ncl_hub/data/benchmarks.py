@@ -6,28 +6,21 @@ No image is opened here: the ``image`` column holds paths cast to ``datasets.Ima
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import datasets
 import numpy as np
 
-try:
-    import datasets
-except ImportError:  # the benchmarks' image lists need it; the rest of ncl_hub.data imports without it
-    datasets = None
+from ..files import read_json
+from ..labels import check_labels
 
 __all__ = ["BENCHMARKS", "load_benchmark", "load_inaturalist", "load_split_file"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _need_datasets() -> None:
-    if datasets is None:
-        raise ImportError("the long-tailed benchmarks' image lists need the datasets package: pip install datasets")
 
 
 def _path_dataset(paths: Sequence[str], labels: np.ndarray, class_label: datasets.ClassLabel) -> datasets.Dataset:
@@ -46,9 +39,7 @@ def _class_label(num_classes: Optional[int], class_names: Optional[Sequence[str]
         num_classes = len(class_names)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise ValueError(f"{where}: label {bad} is outside [0, {num_classes})")
+    check_labels(labels, num_classes, what=f"{where}: label")
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     return datasets.ClassLabel(names=names)
 
@@ -98,7 +89,6 @@ def load_split_file(
     Returns:
         Dataset [N rows] with ``image`` and ``label`` (ClassLabel).
     """
-    _need_datasets()
     rel_paths, labels = _read_split_file(split_file)
     class_label = _class_label(num_classes, class_names, labels, str(split_file))
     return _path_dataset(_join(root, rel_paths), labels, class_label)
@@ -109,8 +99,7 @@ def _read_inaturalist(annotation_json: Union[str, Path]) -> Tuple[List[str], np.
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found: give the iNaturalist 2018 JSON, e.g. "
                                 "train2018.json or val2018.json")
-    with open(path, encoding="utf-8") as f:
-        coco = json.load(f)
+    coco = read_json(path, fix="Give the annotation file of iNaturalist 2018 as published.")
     if not coco.get("annotations"):
         raise ValueError(f"{path} has no 'annotations' (a test-set file without labels?): cannot give labels")
     category_of = {a["image_id"]: a["category_id"] for a in coco["annotations"]}
@@ -150,7 +139,6 @@ def load_inaturalist(root: Union[str, Path], annotation_json: Union[str, Path]) 
         Dataset with ``image`` (paths cast to ``datasets.Image()``) and ``label``: the position of the category id
         among the sorted ``categories`` ids, named by ``name`` (without ``categories``: the id itself, names "0"..).
     """
-    _need_datasets()
     files, category_ids, categories = _read_inaturalist(annotation_json)
     return _inat_dataset(root, files, category_ids, categories, str(annotation_json))
 
@@ -179,7 +167,6 @@ def load_benchmark(name: str, root: Union[str, Path], split_dir: Optional[Union[
         DatasetDict with the splits found among "train", "val", "test" (train is required), sharing one
         ClassLabel (C = the largest label of all splits + 1 for the text lists).
     """
-    _need_datasets()
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
     split_dir = Path(split_dir if split_dir is not None else root).expanduser()

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-import numpy as np
 
 from ..config import ConfigError, DataConfig, RunConfig
+from ..labels import check_labels
 from .benchmarks import BENCHMARKS, load_benchmark
 from .longtail import class_counts, is_balanced, long_tailed_split, make_long_tailed, split_validation
 from .sources import load_image_dataset
@@ -101,14 +101,11 @@ def _class_names(dataset) -> List[str]:
 
 
 def _check_labels(dataset, num_classes: int, split: str) -> None:
-    labels = np.asarray(dataset.with_format(None)["label"]) if len(dataset) else np.zeros(0, dtype=np.int64)
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"{split} labels must be integers, got {labels.dtype}")
-    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
-    if bad.size:
-        i = int(bad[0])
-        raise ConfigError(f"{split} label at index {i} is {int(labels[i])}, outside [0, {num_classes}); "
-                          f"{bad.size} label(s) out of range")
+    labels = dataset.with_format(None)["label"] if len(dataset) else []
+    try:
+        check_labels(labels, num_classes, what=f"{split} label")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def classes_without_images(dataset, names: List[str]) -> List[str]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Mapping
 
-import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..seeding import seed_words
 from .build import DataBundle
+from .samplers import build_sampler
+from .transforms import TransformedImageDataset, build_train_transform, eval_transform, moco_key_transform
 
 __all__ = ["EpochSeededDataset", "build_eval_loader", "build_train_loader"]
 
@@ -34,11 +36,11 @@ class EpochSeededDataset(torch.utils.data.Dataset):
         return self.dataset.skipped
 
     def __getitem__(self, index: int):
-        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+        torch_seed, python_seed = seed_words(self.seed, self.epoch, int(index))
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(state[0]))
-            random.seed(int(state[1]))
+            torch.manual_seed(torch_seed)
+            random.seed(python_seed)
             try:
                 return self.dataset[index]
             finally:
@@ -53,17 +55,14 @@ def build_train_loader(cfg: RunConfig, data: DataBundle, model, micro_batch: int
     """The training DataLoader (before ``accelerator.prepare``) of ``micro_batch`` images per process: the
     ``cfg.data.augment`` policy for ``model.pretrained_cfg`` and, with MoCo, the key view; per-sample seeds that
     follow the epoch (``loader.dataset.epoch``); the configured sampler (``loader.sampler.set_epoch``)."""
-    from .. import samplers as S
-    from .. import transforms as T
-
     pcfg = model.pretrained_cfg
-    train_tf = T.build_train_transform(cfg.data.augment, pcfg)
-    key_tf = T.moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
+    train_tf = build_train_transform(cfg.data.augment, pcfg)
+    key_tf = moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
     train_set = EpochSeededDataset(
-        T.TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
+        TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
         seed=cfg.seed)
     labels = data.train.with_format(None)["label"]
-    sampler = S.build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
+    sampler = build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
                               num_epochs=cfg.epochs)
     return torch.utils.data.DataLoader(
         train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
@@ -74,8 +73,6 @@ def build_eval_loader(cfg: RunConfig, dataset, pretrained_cfg: Mapping[str, Any]
                       batch_size: int = 0) -> torch.utils.data.DataLoader:
     """An evaluation DataLoader in dataset order: the model's eval transform, ``batch_size`` images per batch
     (0: ``cfg.data.eval_batch_size``)."""
-    from .. import transforms as T
-
     return torch.utils.data.DataLoader(
-        T.TransformedImageDataset(dataset, T.eval_transform(pretrained_cfg), on_decode_error=cfg.data.on_decode_error),
+        TransformedImageDataset(dataset, eval_transform(pretrained_cfg), on_decode_error=cfg.data.on_decode_error),
         batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False, **_loader_kwargs(cfg))

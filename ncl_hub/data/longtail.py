@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import torch
 
-if TYPE_CHECKING:  # annotations only: ncl_hub.data also runs without datasets (data.arrow's stand-in)
-    import datasets
+from ..labels import as_label_array, check_labels
 
 __all__ = [
     "class_counts", "is_balanced", "label_array", "long_tailed_counts", "long_tailed_split", "make_long_tailed",
@@ -46,17 +46,9 @@ def label_array(dataset: datasets.Dataset, column: str = "label") -> np.ndarray:
 
 
 def _aslabel_array(labels: Labels) -> np.ndarray:
-    if hasattr(labels, "column_names"):  # a datasets.Dataset (or data.arrow's stand-in)
+    if hasattr(labels, "column_names"):  # a datasets.Dataset
         return label_array(labels)
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-d sequence of integer class indices, got dtype {arr.dtype} "
-                         f"and shape {arr.shape}")
-    return arr.astype(np.int64, copy=False)
+    return as_label_array(labels)
 
 
 def _num_classes(dataset: datasets.Dataset, labels: np.ndarray) -> int:
@@ -85,9 +77,7 @@ def class_counts(dataset_or_labels: Labels, num_classes: int) -> List[int]:
         A list of C ints.
     """
     labels = _aslabel_array(dataset_or_labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise ValueError(f"label {bad} is outside [0, {num_classes}): num_classes is too small for these labels")
+    check_labels(labels, num_classes)
     return np.bincount(labels, minlength=num_classes).tolist()
 
 

@@ -15,26 +15,17 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import datasets
 import numpy as np
 import pyarrow as pa
 
-try:
-    import datasets
-except ImportError:  # a machine without it: local parquet is read with pyarrow alone (``arrow.load_parquet_splits``)
-    datasets = None
-
+from ..labels import check_labels
+from .columns import IMAGE_COLUMNS, LABEL_COLUMNS, VALIDATION_SPLITS
 from .longtail import label_array, long_tailed_split, make_long_tailed, rank_within_class
 
-__all__ = ["IMAGE_COLUMNS", "LABEL_COLUMNS", "VAL_SPLITS", "load_digits_demo", "load_image_dataset"]
+__all__ = ["load_digits_demo", "load_image_dataset"]
 
 _logger = logging.getLogger(__name__)
-
-# Column names tried, in order, when image_column / label_column are not given (CIFAR-100 on the Hub
-# has `img` and `fine_label`).
-IMAGE_COLUMNS = ("img", "image")
-LABEL_COLUMNS = ("label", "fine_label")
-# a source split with one of these names is returned as "val" (model selection uses it)
-VAL_SPLITS = ("validation", "val", "valid")
 
 
 def load_image_dataset(
@@ -71,34 +62,17 @@ def load_image_dataset(
         cache_dir: ``datasets`` cache folder.
 
     Returns:
-        DatasetDict with "train", "val" when the source has a split named one of ``VAL_SPLITS`` (other than
+        DatasetDict with "train", "val" when the source has a split named one of ``VALIDATION_SPLITS`` (other than
         train_split and test_split) and, when there is one, "test"; columns ``image`` (``datasets.Image``, decoded
         lazily) and ``label`` (one ``ClassLabel`` for all splits, names "0".."C-1" for integer labels). Other
         columns are dropped.
-
-    Without the ``datasets`` package, local parquet files and folders are read with pyarrow alone
-    (:func:`ncl_hub.data.arrow.load_parquet_splits`: the same rows, labels and image bytes; a plain dict of
-    ``ArrowImageDataset`` splits); other sources then raise ImportError.
     """
-    if datasets is None:
-        return _pick_splits(_load_without_datasets(source, image_column, label_column), source, train_split,
-                            test_split)
     if source == "digits":
         return load_digits_demo()
     splits = _pick_splits(_load_raw(source, config_name, cache_dir), source, train_split, test_split)
     local = Path(source).expanduser()
     base_dir = (local.parent if local.is_file() else local).resolve() if local.exists() else None
     return _standardise(datasets.DatasetDict(splits), image_column, label_column, source, base_dir)
-
-
-def _load_without_datasets(source: str, image_column: Optional[str], label_column: Optional[str]) -> dict:
-    from .arrow import load_parquet_splits
-
-    if source == "digits" or not Path(source).expanduser().exists():
-        raise ImportError(f"the datasets package is not installed: without it only local parquet files and folders "
-                          f"can be read, not {source!r} (pip install datasets)")
-    _logger.info("datasets is not installed: reading %s with pyarrow alone", source)
-    return load_parquet_splits(source, image_column=image_column, label_column=label_column)
 
 
 def _pick_splits(raw: Mapping, source: str, train_split: str, test_split: Optional[str]) -> dict:
@@ -108,7 +82,7 @@ def _pick_splits(raw: Mapping, source: str, train_split: str, test_split: Option
         raise ValueError(f"split {train_split!r} not found in {source}: splits found: {found}. "
                          "Choose one with train_split=...")
     splits = {"train": raw[train_split]}
-    own_val = next((s for s in VAL_SPLITS if s in raw and s not in (train_split, test_split)), None)
+    own_val = next((s for s in VALIDATION_SPLITS if s in raw and s not in (train_split, test_split)), None)
     if own_val is not None:  # the source's own validation split, used for model selection
         splits["val"] = raw[own_val]
     if test_split is not None:
@@ -328,9 +302,10 @@ def _check_int_labels(splits: Mapping[str, datasets.Dataset], source: str) -> in
     seen = np.zeros(0, dtype=np.int64)
     for split, ds in splits.items():
         labels = label_array(ds)
-        if labels.size and labels.min() < 0:
-            raise ValueError(f"split {split!r} of {source} has label {int(labels.min())}: integer labels must be class "
-                             "indices >= 0 (-1 usually marks a test split without public labels)")
+        try:
+            check_labels(labels, what=f"split {split!r} of {source}: label")
+        except ValueError as e:
+            raise ValueError(f"{e} (-1 usually marks a test split without public labels)") from None
         seen = np.union1d(seen, np.unique(labels))
     num_classes = int(seen.max()) + 1 if seen.size else 0
     gaps = np.setdiff1d(np.arange(num_classes), seen)
@@ -392,11 +367,9 @@ def _standardise_labels(splits: Dict[str, datasets.Dataset], source: str) -> dat
         if class_labels:
             target = class_labels[0]
             for split, ds in ints.items():
-                labels = label_array(ds)
-                if labels.size and (labels.min() < 0 or labels.max() >= target.num_classes):
-                    bad = int(labels[(labels < 0) | (labels >= target.num_classes)][0])
-                    raise ValueError(f"split {split!r} of {source} has label {bad}, outside the "
-                                     f"{target.num_classes} class names of the other splits")
+                check_labels(label_array(ds), target.num_classes,
+                             what=f"split {split!r} of {source} (the other splits name {target.num_classes} classes): "
+                                  "label")
         else:
             num_classes = _check_int_labels(ints, source)
             target = datasets.ClassLabel(names=[str(i) for i in range(num_classes)])

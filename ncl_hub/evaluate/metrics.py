@@ -37,13 +37,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..data.columns import VALIDATION_SPLITS
 from ..losses import validate_target
 from ..priors import TEST_IMBALANCES, PriorSpec, long_tailed_prior, logit_adjustment, resolve_prior
 
-__all__ = ["GROUPS", "VALIDATION_SPLITS", "evaluate_predictions", "group_classes", "split_metrics"]
+__all__ = ["GROUPS", "evaluate_predictions", "group_classes", "split_metrics"]
 
 GROUPS = ("many", "medium", "few")
-VALIDATION_SPLITS = ("val", "validation")
 _CHUNK_ELEMENTS = 1 << 23  # float64 logits per chunk (64 MiB): bounds memory on iNaturalist-sized splits
 
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .. import files
+from ..data import classes_without_images, name_list
 from ..priors import describe_prior, format_imbalance
 from .metrics import GROUPS
 
@@ -140,9 +142,7 @@ def write_report(
     paths = {"metrics": out / "metrics.json", "summary": out / "summary.md"}
     if plots:
         figure_cls = _matplotlib_figure()  # fail before writing anything
-    with open(paths["metrics"], "w") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
+    files.atomic_write(paths["metrics"], json.dumps(metrics, indent=2) + "\n")
     paths["summary"].write_text(format_summary(metrics, title))
     if plots:
         split_name = "test" if "test" in metrics["splits"] else next(iter(metrics["splits"]))
@@ -163,10 +163,7 @@ def write_report(
 def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
     """Read a ``metrics.json`` written by :func:`write_report` (a directory means its ``metrics.json``)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.json"
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path / "metrics.json" if path.is_dir() else path)
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -294,3 +291,18 @@ def _plot_prior_shift(fig: Any, metrics: Dict[str, Any], split_name: str, split:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"Accuracy under shifted test priors on {split_name}")
     ax.legend(fontsize=8)
+
+
+def record_absent_classes(metrics: Dict[str, Any], split_sets: Dict[str, Any], names: List[str]) -> List[str]:
+    """Write ``classes_without_images`` (class names) into every evaluated split of ``metrics``; returns the lines
+    that report them."""
+    lines = []
+    for split, entry in metrics.get("splits", {}).items():
+        if split_sets.get(split) is None:
+            continue
+        absent = classes_without_images(split_sets[split], names)
+        entry["classes_without_images"] = absent
+        if absent:
+            lines.append(f"{split}: {len(absent)} of {len(names)} classes have no {split} images, so no accuracy: "
+                         f"{name_list(absent)}")
+    return lines

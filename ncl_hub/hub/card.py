@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import timm
 
 from ..config import loss_departures
+from ..evaluate import format_prior_shift
+from ..priors import describe_prior
 from .layout import HUB_ID, redact
 
 __all__ = ["CARD_TAGS", "RunRecord", "render_model_card"]
@@ -254,8 +256,6 @@ def render_model_card(
 
 def _exported_model(hub_config: Dict[str, Any], run: RunRecord) -> Dict[str, Any]:
     """What config.json says the export is: format, variant, expert, architecture, inputs, classes, prior."""
-    from ..priors import describe_prior
-
     ncl = hub_config.get("ncl") or {}
     variant = ncl.get("variant", "ensemble")
     selected = _first(ncl.get("selected_expert"), run.selected_expert)
@@ -322,8 +322,6 @@ def _imbalance_text(imbalance: Any) -> Any:
 
 def _prior_shift_table(metrics: Optional[dict], expert: Optional[int], expert_note: str) -> Optional[Dict[str, str]]:
     """The shifted-test-prior table of the test split (else the first split that has one), for the card."""
-    from ..evaluate import format_prior_shift
-
     splits = (metrics or {}).get("splits") or {}
     for name in ["test"] + [s for s in splits if s != "test"]:
         split = splits.get(name)

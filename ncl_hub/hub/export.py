@@ -19,12 +19,12 @@ import torch.nn as nn
 import timm
 from timm.models import model_entrypoint, save_for_hf
 
+from .. import files
 from ..models import NCLModel
 from ..models.factory import INPUT_KEYS, trunk_input_cfg
+from ..version import __version__
 from .card import render_model_card
-from .layout import (
-    CONFIG_NAME, TRAINING_CONFIG_NAME, VARIANTS, atomic_folder, check_json_args, is_native_timm, read_json_file,
-)
+from .layout import CONFIG_NAME, TRAINING_CONFIG_NAME, VARIANTS, check_json_args, is_native_timm
 
 __all__ = ["export_timm", "save_pretrained"]
 
@@ -223,11 +223,11 @@ def _write_export(model: nn.Module, folder: Path, *, ncl: Dict[str, Any], class_
     if class_names is not None:
         model_config["label_names"] = list(class_names)
     card = dict(card, metrics=card["metrics"] or None, run_info=card["run_info"] or None)  # none recorded
-    with atomic_folder(folder) as tmp:
+    with files.atomic_folder(folder) as tmp:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
         plots = _write_extras(tmp, config=card["training_config"], plots_dir=plots_dir)
-        text = render_model_card(read_json_file(tmp / CONFIG_NAME), plots=plots, folder_name=folder.name, **card)
+        text = render_model_card(files.read_json(tmp / CONFIG_NAME), plots=plots, folder_name=folder.name, **card)
         (tmp / "README.md").write_text(text, encoding="utf-8")
     return folder
 
@@ -251,8 +251,6 @@ def _ncl_section(model: NCLModel, *, fmt: str, variant: str, expert_index: Optio
                  selected_expert: Optional[int], source_num_experts: int, num_params: int,
                  class_counts: Optional[Sequence[int]]) -> Dict[str, Any]:
     """config.json's ``ncl`` section: what was exported, from which ensemble (read by the card and by loaders)."""
-    from .. import __version__
-
     return {
         "format": fmt,  # "ncl": loads with `import ncl_hub`; "timm": a plain timm model
         "variant": variant,  # "ensemble" or "expert"

@@ -10,14 +10,11 @@ fix, see :mod:`ncl_hub.files`), and replacing a folder atomically.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import timm
@@ -28,9 +25,8 @@ from ..models import factory
 from ..models.factory import CheckpointMismatchError, WeightsUnavailableError
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_CONFIG_NAME", "VARIANTS", "FORMATS", "HUB_ID", "atomic_folder",
-    "is_export", "is_ncl_architecture", "is_native_timm", "parse_spec", "read_config", "read_state_dict",
-    "read_json_file", "read_yaml_file", "redact",
+    "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_CONFIG_NAME", "VARIANTS", "FORMATS", "HUB_ID", "is_export",
+    "is_ncl_architecture", "is_native_timm", "parse_spec", "read_config", "read_state_dict", "redact",
 ]
 
 CONFIG_NAME = "config.json"
@@ -39,50 +35,12 @@ TRAINING_CONFIG_NAME = "training_config.yaml"
 VARIANTS = ("ensemble", "expert")
 FORMATS = ("ncl", "timm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LOCAL_FIX = "Copy or download the export again, or export the model again (ncl_hub.hub.save_pretrained)."
+LOCAL_FIX = "Copy or download the export again, or export the model again (ncl_hub.hub.save_pretrained)."
 _HUB_FIX = "Export and upload the model again."
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``folder``; on success it replaces ``folder``.
-
-    An exception inside the block removes the temporary folder and leaves an existing ``folder`` untouched. The
-    swap is two renames on the same filesystem (old -> backup, new -> folder), then the backup is deleted.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if folder.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        backup.rmdir()
-        os.rename(folder, backup)
-    os.rename(tmp, folder)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def is_export(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
-
-
-def read_json_file(path: Path) -> Optional[dict]:
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-
-
-def read_yaml_file(path: Path) -> Optional[dict]:
-    if not Path(path).is_file():
-        return None
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -153,7 +111,7 @@ def read_config(source: str, location: str, cache_dir: Optional[str] = None) -> 
             f"{folder} is not an NCL or timm export: it has no {CONFIG_NAME}. Export with ncl_hub.hub.save_pretrained "
             f"or ncl_hub.hub.export_timm (timm's save_for_hf also works)."
         )
-    cfg = files.read_json(folder / CONFIG_NAME, fix=_LOCAL_FIX)
+    cfg = files.read_json(folder / CONFIG_NAME, fix=LOCAL_FIX)
     return _checked_config(cfg, str(folder / CONFIG_NAME)), f"export '{folder}'"
 
 
@@ -182,7 +140,7 @@ def read_state_dict(source: str, location: str, cache_dir: Optional[str] = None)
     path = files.find_weights(location)
     if path is None:
         raise WeightsUnavailableError(f"no weights in '{location}': expected {' or '.join(files.WEIGHT_FILES)}")
-    return files.read_weights(path, fix=_LOCAL_FIX)
+    return files.read_weights(path, fix=LOCAL_FIX)
 
 
 def check_json_args(args: Dict[str, Any]) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import timm
-from timm.models._hub import load_model_config_from_hf, load_model_config_from_path  # not re-exported by timm.models
+from timm.models import load_model_config_from_hf
 
+from .. import files
 from ..models import NCLModel
 from ..models.factory import INPUT_KEYS, CheckpointMismatchError, WeightsUnavailableError, check_trunks_match
-from .layout import WEIGHTS_NAME, is_ncl_architecture, parse_spec, read_config, read_state_dict
+from .layout import CONFIG_NAME, LOCAL_FIX, WEIGHTS_NAME, is_ncl_architecture, parse_spec, read_config, read_state_dict
 
 __all__ = ["freeze_trunks", "init_from", "load_model"]
 
@@ -94,13 +96,14 @@ def _after_load(model: NCLModel, experts: Optional[Sequence[int]]) -> NCLModel:
 def _load_plain_timm(source: str, location: str, where: str, num_classes: Optional[int],
                      kwargs: Dict[str, Any]) -> NCLModel:
     """A plain-timm export as a 1-expert NCLModel: timm rebuilds the exported classifier from its config.json
-    (``load_model_config_from_path`` / ``_from_hf``), the checked weights fill it, and the NCL model adopts it."""
+    (``load_model_config_from_hf``, or :func:`_local_model_config`), the checked weights fill it, and the NCL
+    model adopts it."""
     kwargs = dict(kwargs)
     cache_dir = kwargs.pop("cache_dir", None)
     if source == "hf-hub":
         pretrained_cfg, arch, model_args = load_model_config_from_hf(location, cache_dir=cache_dir)
     else:
-        pretrained_cfg, arch, model_args = load_model_config_from_path(location)
+        pretrained_cfg, arch, model_args = _local_model_config(location)
     model_args = dict(model_args)
     saved_classes = int(model_args.pop("num_classes", pretrained_cfg.get("num_classes", 0)) or 0)
     in_chans = model_args.pop("in_chans", 3)
@@ -117,6 +120,25 @@ def _load_plain_timm(source: str, location: str, where: str, num_classes: Option
     model = timm.create_model("ncl", backbone=arch, num_classes=target, num_experts=1, classifier="linear",
                               in_chans=in_chans, pretrained_cfg_overlay=overlay, **{**model_args, **kwargs})
     return model.adopt_experts([plain])
+
+
+def _local_model_config(folder: str) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
+    """(pretrained_cfg, architecture, model_args) of a local export's config.json, as timm's
+    ``load_model_config_from_path`` gives them for ``local-dir:`` names. That function is not exported by
+    ``timm.models`` (it lives in the private ``timm.models._hub``), so this is the one place that parses the layout
+    ``save_for_hf`` writes (and timm's older single-dict layout); the file is read and checked by ``ncl_hub.files``."""
+    cfg = files.read_json(Path(folder) / CONFIG_NAME, fix=LOCAL_FIX)
+    if "pretrained_cfg" not in cfg:  # the older layout: one dict with the architecture inside
+        pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("architecture", "num_features")}
+        if "labels" in pretrained_cfg:
+            pretrained_cfg["label_names"] = pretrained_cfg.pop("labels")
+        arch, model_args = cfg["architecture"], {}
+    else:
+        pretrained_cfg, arch = dict(cfg["pretrained_cfg"]), cfg["architecture"]
+        model_args = dict(cfg.get("model_args") or {})
+        pretrained_cfg.update({k: cfg[k] for k in ("num_classes", "label_names", "label_descriptions") if k in cfg})
+    pretrained_cfg.update(file=str(folder), source="local-dir")
+    return pretrained_cfg, arch, model_args
 
 
 def init_from(

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union
 
+from .. import files
 from ..models import NCLModel
 from .card import render_model_card
 from .export import export_timm, resolve_expert_index, save_pretrained
-from .layout import (
-    CONFIG_NAME, FORMATS, HUB_ID, WEIGHTS_NAME, atomic_folder, is_export, read_json_file, read_yaml_file, redact,
-)
+from .layout import CONFIG_NAME, FORMATS, HUB_ID, WEIGHTS_NAME, is_export, redact
 from .load import load_model
 
 __all__ = ["PublishOptions", "publish"]
@@ -95,9 +94,9 @@ def _stage(output_dir: Path, repos: Dict[str, str], format: str, secrets: Sequen
     """The two repo folders under ``output_dir/publish/``: copies of ``export/`` (cards for the repo ids) or exports
     of the best model, the expert first (a trunk or head that ``--format timm`` refuses fails before anything is
     staged); text files redacted."""
-    run_info = read_json_file(output_dir / "run_info.json") or {}
-    metrics = read_json_file(output_dir / "eval" / "metrics.json")
-    training_config = read_yaml_file(output_dir / "config.yaml")
+    run_info = files.read_json(output_dir / "run_info.json", missing_ok=True) or {}
+    metrics = files.read_json(output_dir / "eval" / "metrics.json", missing_ok=True)
+    training_config = files.read_yaml(output_dir / "config.yaml", missing_ok=True)
     command = redact(run_info["command"], secrets) if run_info.get("command") else None
     common = dict(metrics=metrics, config=training_config, class_names=run_info.get("class_names"),
                   class_counts=run_info.get("class_counts") or (metrics or {}).get("class_counts"),
@@ -163,8 +162,8 @@ def _resolve_token(token: Optional[str]) -> Optional[str]:
 
 def _stage_copy(src: Path, dst: Path, *, repo_id: str, metrics, training_config, run_info, secrets) -> Path:
     """Copy an existing export, re-rendering its card for ``repo_id``, and redact secrets from text files."""
-    hub_config = read_json_file(src / CONFIG_NAME)
-    with atomic_folder(dst) as tmp:
+    hub_config = files.read_json(src / CONFIG_NAME)
+    with files.atomic_folder(dst) as tmp:
         for item in src.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)

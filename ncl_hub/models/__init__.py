@@ -1,5 +1,6 @@
 """NCL model family; importing this package registers every model with timm."""
-from .moco import MocoBranch, MocoConfig
+from ..config import MocoConfig
+from .moco import MocoBranch
 from .ncl import CLASSIFIERS, CosineClassifier, NCLModel, classifier_names
 from .factory import (
     HUB_ORG, PAPER_MODELS, CheckpointMismatchError, WeightsUnavailableError, check_trunks_match, create_model,

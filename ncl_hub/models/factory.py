@@ -16,11 +16,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import load_pretrained
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 
-from .moco import MocoConfig
+from .. import files
+from ..config import MocoConfig
 from .ncl import NCLModel, classifier_names
+from .normalization import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 __all__ = ["create_model", "HUB_ORG", "PAPER_MODELS", "INPUT_KEYS", "WeightsUnavailableError",
            "CheckpointMismatchError", "check_trunks_match", "structure_cfg", "trunk_input_cfg"]
@@ -28,8 +29,6 @@ __all__ = ["create_model", "HUB_ORG", "PAPER_MODELS", "INPUT_KEYS", "WeightsUnav
 _logger = logging.getLogger(__name__)
 
 HUB_ORG = "ncl-hub"
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # the backbone-independent part of a pretrained_cfg that an NCL model copies from its trunk
 INPUT_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation",
                "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "test_pool_size")
@@ -162,8 +161,6 @@ def _filter_state_dict(state_dict: Dict[str, torch.Tensor], model: NCLModel,
 def _read_local_weights(cfg: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], str]:
     """The state dict a ``local-dir:`` folder or a ``file=`` override names, read by ``ncl_hub.files`` (a damaged
     file is a DamagedFileError naming it), and the file's path."""
-    from .. import files
-
     location = Path(cfg["file"])
     path = files.find_weights(location) if location.is_dir() else location
     if path is None or not path.is_file():
@@ -175,8 +172,6 @@ def _read_local_weights(cfg: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], s
 
 
 def _load_weights(model: NCLModel, cache_dir: Optional[str] = None, strict: bool = True) -> None:
-    from .. import files
-
     cfg = dict(model.pretrained_cfg)
     source, hub_id = cfg.get("source"), cfg.get("hf_hub_id")
     where = "checkpoint"

@@ -1,73 +1,21 @@
-"""The MoCo-v2 branch of every expert (paper section 3.5): its settings and its modules.
-
-:class:`MocoConfig` is the one description of the branch: the ``moco`` section of a run's configuration and the
-``moco=`` argument of ``timm.create_model('ncl', ...)`` are the same class. :class:`MocoBranch` holds the query
-projections, the momentum key encoders and the queues of the K experts; it is training-only.
+"""The MoCo-v2 branch of every expert (paper section 3.5): :class:`MocoBranch` holds the query projections, the
+momentum key encoders and the queues of the K experts; it is training-only. Its settings are
+:class:`ncl_hub.config.MocoConfig`, the one description of the branch: the ``moco`` section of a run's
+configuration and the ``moco=`` argument of ``timm.create_model('ncl', ...)`` are the same class.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import MocoConfig
 from .batched import run_stacked
 
-__all__ = ["MocoConfig", "MocoBranch"]
-
-
-@dataclass
-class MocoConfig:
-    """MoCo-v2 branch of each expert (paper section 3.5).
-
-    The projection is Linear(D, hidden_dim) - ReLU - Linear(hidden_dim, dim) on both the query and the key side;
-    the key side (trunk and projection) is a momentum copy of the query side. ``weight`` and ``temperature`` are
-    read by the loss, the rest by the model.
-    """
-
-    enabled: bool = True
-    """add a MoCo-v2 self-supervised branch per expert (paper section 3.5)"""
-    dim: int = 128
-    """projection output size"""
-    hidden_dim: Optional[int] = None
-    """projection hidden size; null = the trunk's feature size"""
-    queue_size: int = 65536
-    """negative keys kept per expert"""
-    temperature: float = 0.2
-    """InfoNCE temperature"""
-    momentum: float = 0.999
-    """EMA factor of the key encoders"""
-    weight: float = 1.0
-    """weight of the contrastive loss"""
-
-    def __post_init__(self) -> None:
-        if self.dim < 1 or self.queue_size < 1:
-            raise ValueError(f"MoCo dim and queue_size must be >= 1, got dim={self.dim}, queue_size={self.queue_size}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"MoCo momentum must be in [0, 1), got {self.momentum}")
-        if self.temperature <= 0:
-            raise ValueError(f"MoCo temperature must be > 0, got {self.temperature}")
-
-    @classmethod
-    def from_any(cls, value: Union[None, bool, dict, "MocoConfig"]) -> Optional["MocoConfig"]:
-        """The branch to build: None for None, False or ``enabled=False``; True gives the defaults; a dict holds
-        fields (``enabled`` defaults to true there)."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown MoCo option(s) {unknown}; valid: {sorted(known)}")
-            value = cls(**value)
-        if isinstance(value, cls):
-            return value if value.enabled else None
-        raise TypeError(f"moco must be None, a dict or a MocoConfig, got {type(value).__name__}")
+__all__ = ["MocoBranch"]
 
 
 def _projection(in_features: int, hidden: int, dim: int) -> nn.Sequential:

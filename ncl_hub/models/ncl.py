@@ -20,7 +20,8 @@ import timm
 
 from ..priors import PriorSpec, check_prior, logit_adjustment, resolve_prior
 from .batched import EXPERT_EXECUTION, run_stacked
-from .moco import MocoBranch, MocoConfig
+from ..config import MocoConfig
+from .moco import MocoBranch
 
 __all__ = ["CosineClassifier", "NCLModel", "CLASSIFIERS", "classifier_names"]
 

@@ -6,11 +6,15 @@ import dataclasses
 import math
 from typing import List, Optional
 
+import timm
 import torch
 import torch.nn as nn
 
+from .. import hub
+from ..baselines import ExpertCELoss
 from ..config import WARMUP_STEPS_DEFAULT, ConfigError, RunConfig, loss_departures
-from ..models import NCLModel, WeightsUnavailableError, create_model
+from ..losses import NCLLoss
+from ..models import PAPER_MODELS, NCLModel, WeightsUnavailableError, create_model
 
 PAPER_LR = 0.1  # the paper's CIFAR rate (batch 64), at which WARMUP_STEPS_DEFAULT was measured
 
@@ -32,15 +36,9 @@ def build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str
 
 
 def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[str]]) -> NCLModel:
-    import timm
-
-    from .. import hub
-
     mc = cfg.model
     if mc.name:
         if not timm.is_model(mc.name) or not mc.name.startswith("ncl"):
-            from ..models import PAPER_MODELS
-
             raise ConfigError(f"model.name {mc.name!r} is not a registered NCL model; choose one of "
                               f"{sorted(PAPER_MODELS)} or set model.backbone instead")
         model = timm.create_model(mc.name, num_classes=num_classes, num_experts=mc.num_experts, moco=cfg.moco,
@@ -62,9 +60,6 @@ def _build_model(cfg: RunConfig, num_classes: int, class_names: Optional[List[st
 
 def build_criterion(cfg: RunConfig, class_counts: List[int]) -> nn.Module:
     """The training objective named by ``cfg.loss.name`` (ncl | bsce | ce), plus MoCo's term if enabled."""
-    from ..baselines import ExpertCELoss
-    from ..losses import NCLLoss
-
     con = dict(contrastive_weight=cfg.moco.weight, temperature=cfg.moco.temperature)
     if cfg.loss.name == "ncl":
         return NCLLoss(class_counts, hard_ratio=cfg.loss.hard_ratio, distill_weight=cfg.loss.distill_weight,

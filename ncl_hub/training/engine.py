@@ -5,10 +5,8 @@ checks that the loss stays finite, and checkpoints (save, find, load) that a kil
 step."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from .. import files
 from ..config import ConfigError
 from ..models import NCLModel
 
@@ -194,8 +193,6 @@ def _checkpoint_dirs(output_dir: Path) -> List[Path]:
 
 
 def _checkpoint_step(folder: Path) -> int:
-    from .. import files
-
     try:
         return int(files.read_json(folder / "progress.json", fix=f"Delete the checkpoint folder {folder}: --resume "
                                    "then continues from the previous checkpoint.")["global_step"])
@@ -207,8 +204,6 @@ def find_checkpoint(output_dir: Path, resume: str) -> Optional[Path]:
     """``latest`` -> the newest complete checkpoint of ``output_dir`` (None if there is none yet: the run
     starts from the beginning); otherwise the given folder, which must be complete. Every file of the checkpoint
     is checked (a truncated, empty or foreign file is a ConfigError naming it), before anything is written."""
-    from .. import files
-
     if resume == "latest":
         found = _checkpoint_dirs(output_dir)
         path = found[-1] if found else None
@@ -238,11 +233,9 @@ def save_checkpoint(accelerator, output_dir: Path, progress: Progress, scheduler
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        (tmp / "progress.json").write_text(json.dumps(progress.__dict__))  # written last: marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        files.write_json(tmp / "scheduler.json", scheduler.state_dict(), indent=None)
+        files.write_json(tmp / "progress.json", progress.__dict__, indent=None)  # written last: marks completeness
+        files.swap_folder(tmp, final)
         epochs = [p for p in _checkpoint_dirs(output_dir)]
         for old in epochs[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -263,8 +256,8 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, run_config: Path) -> Pro
             f"another model or optimizer setup: resume with the run's own config.yaml (--config {run_config}), or "
             "start a new run in another --output_dir.") from e
     progress = Progress()
-    progress.__dict__.update(json.loads((ckpt / "progress.json").read_text()))
-    scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+    progress.__dict__.update(files.read_json(ckpt / "progress.json"))
+    scheduler.load_state_dict(files.read_json(ckpt / "scheduler.json"))
     return progress
 
 

@@ -12,7 +12,6 @@ Run folder (``cfg.output_dir``)::
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -23,10 +22,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import ConfigError, RunConfig, check_config, config_to_dict, save_config
+from .. import files, hub
+from ..config import ConfigError, RunConfig, check_config, config_to_dict, flat_config, save_config
 from ..data import DataBundle, build_data, build_eval_loader, build_train_loader
-from ..data.tensor_loaders import build_tensor_loaders, check_tensor_pipeline
+from ..data.tensor import build_tensor_loaders, check_tensor_pipeline
+from ..evaluate import evaluate_predictions, format_summary, predict, record_absent_classes, split_metrics, write_report
 from ..models import NCLModel
+from ..version import __version__
 from .build import build_criterion, build_model, build_optimizer, build_scheduler, describe_schedule
 from .engine import (
     LOSS_TERMS, ModelWithLoss, Progress, StepRunner, check_finite, find_checkpoint, load_checkpoint,
@@ -120,7 +122,7 @@ def _set_up(cfg: RunConfig) -> _Run:
         accelerator.print(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'} yet; starting at "
                           "the beginning")
     if cfg.log_with:
-        accelerator.init_trackers("ncl", config=_flat_config(cfg))
+        accelerator.init_trackers("ncl", config=_tracker_config(cfg))
     return run
 
 
@@ -293,8 +295,6 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
 def _validate_and_select(run: _Run, epoch: int, record: Dict[str, Any]) -> None:
     """Top-1 on the validation split; a better ensemble becomes best/ and its best expert the selected one. Without
     a validation split the last epoch is the model and expert 0 the single expert."""
-    from ..evaluate import predict, split_metrics
-
     progress = run.progress
     skipped = run.train_set.skipped
     if skipped:
@@ -316,8 +316,6 @@ def _validate_and_select(run: _Run, epoch: int, record: Dict[str, Any]) -> None:
 
 
 def _save_best(run: _Run) -> None:
-    from .. import hub
-
     if run.accelerator.is_main_process:
         hub.save_pretrained(run.model, run.output_dir / "best", variant="ensemble", config=config_to_dict(run.cfg),
                             class_names=run.data.class_names, class_counts=run.data.class_counts)
@@ -349,9 +347,6 @@ def _epoch_line(record: Dict[str, Any], progress: Progress) -> str:
 # ---------------------------------------------------------------------------------------------- finish
 def _finish(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
     """The best model on every evaluation split, the report, run_info.json, the exports, and the Hub."""
-    from .. import hub
-    from ..evaluate import evaluate_predictions, format_summary, predict, record_absent_classes, write_report
-
     cfg, acc, data, progress = run.cfg, run.accelerator, run.data, run.progress
     acc.wait_for_everyone()
     best = hub.load_model(f"local-dir:{run.output_dir / 'best'}").to(acc.device)
@@ -367,7 +362,7 @@ def _finish(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
         title = f"NCL on {data.source}"
         result["report"] = {k: str(v) for k, v in write_report(metrics, run.output_dir / "eval", title=title).items()}
         run_info = _run_info(run, argv)
-        _write_json_atomic(run.output_dir / "run_info.json", run_info)
+        files.write_json(run.output_dir / "run_info.json", run_info)
         common = dict(metrics=metrics, config=config_to_dict(cfg), class_names=data.class_names,
                       class_counts=data.class_counts, plots_dir=run.output_dir / "eval",
                       command=run_info["command"], run_info=run_info)
@@ -411,15 +406,7 @@ def code_version() -> str:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        from .. import __version__
-
         return f"ncl-hub {__version__}"
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _cpu_multiprocess() -> bool:
@@ -428,15 +415,9 @@ def _cpu_multiprocess() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _flat_config(cfg: RunConfig) -> Dict[str, Any]:
-    out = {}
-    for section, values in config_to_dict(cfg).items():
-        if isinstance(values, dict):
-            for k, v in values.items():
-                out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-        else:
-            out[section] = values if isinstance(values, (int, float, str, bool)) else str(values)
-    return out
+def _tracker_config(cfg: RunConfig) -> Dict[str, Any]:
+    """The configuration as trackers take it: dotted keys, scalar values (others as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
 
 
 def _command(argv: Optional[List[str]]) -> str:

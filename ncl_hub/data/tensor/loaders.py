@@ -1,21 +1,27 @@
-"""Loaders of ``data.pipeline=tensor``: the decoded splits (``tensor_cache``) kept on the accelerator's device, the
+"""Loaders of ``data.pipeline=tensor``: the decoded splits (:mod:`.cache`) kept on the accelerator's device, the
 training batches augmented there.
 
-Sampling picks indices, not images: the configured sampler (``ncl_hub.samplers``) gives the epoch's order, the
-images are gathered from the device tensor, and ``tensor_augment.augment_cifar`` augments them in chunks of
+Sampling picks indices, not images: the configured sampler (``ncl_hub.data.samplers``) gives the epoch's order, the
+images are gathered from the device tensor, and :func:`.augment.augment_cifar` augments them in chunks of
 ``data.tensor_chunk`` images, each sample with its own parameters. The parameters of an epoch are drawn on the CPU
 from (seed, epoch) and belong to a position in the epoch's order, so a run resumed in the middle of an epoch sees
 the images, and the augmentations, an uninterrupted run would have seen; the chunk size changes nothing.
 """
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
-import numpy as np
 import torch
+from timm.data import resolve_data_config
 
-from ..config import ConfigError, RunConfig
-from .build import DataBundle
+from ...config import ConfigError, RunConfig
+from ...seeding import derive_seed
+from ..build import DataBundle
+from ..samplers import build_sampler
+from .augment import augment_cifar, draw_cifar_params, normalize
+from .cache import decode_split, default_cache_dir, fit_transform
 
 __all__ = ["TENSOR_AUGMENTS", "TensorEvalLoader", "TensorTrainLoader", "build_tensor_loaders", "check_tensor_pipeline"]
 
@@ -23,9 +29,8 @@ TENSOR_AUGMENTS = ("cifar", "none")  # the data.augment policies the tensor pipe
 
 
 def _augment_generator(seed: int, epoch: int) -> torch.Generator:
-    # its own stream of (seed, epoch): unrelated to the sampler's SeedSequence([seed, epoch])
-    state = np.random.SeedSequence([seed, epoch, 1]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    # its own stream of (seed, epoch): unrelated to the sampler's derive_seed(seed, epoch)
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, 1))
 
 
 class TensorTrainLoader:
@@ -34,10 +39,10 @@ class TensorTrainLoader:
     Args:
         images: uint8 [N, 3, H, W] (on the training device).
         labels: int64 [N] (same device).
-        sampler: an ``ncl_hub.samplers.EpochSampler`` over the N labels.
+        sampler: an ``ncl_hub.data.samplers.EpochSampler`` over the N labels.
         micro_batch: images per batch; an epoch is ``len(sampler) // micro_batch`` batches (the rest dropped).
         seed: base seed of the augmentation parameters.
-        augment: ``"cifar"`` (``tensor_augment.augment_cifar``) or ``"none"`` (normalisation only).
+        augment: ``"cifar"`` (:func:`.augment.augment_cifar`) or ``"none"`` (normalisation only).
         mean, std: normalisation.
         chunk: images augmented per call (rounded down to whole batches, at least one).
         channels_last: return batches in channels-last memory format.
@@ -72,8 +77,6 @@ class TensorTrainLoader:
 
     def iter_from(self, start_batch: int) -> Iterator[Dict[str, torch.Tensor]]:
         """The epoch's batches from batch ``start_batch`` on (a resumed run skips the ones it trained on)."""
-        from ..tensor_augment import draw_cifar_params
-
         self.sampler.set_epoch(self.epoch)
         used = len(self) * self.micro_batch
         order = self.sampler.indices()[:used]
@@ -91,8 +94,6 @@ class TensorTrainLoader:
                        "index": rows[b:b + self.micro_batch]}
 
     def _augment(self, images: torch.Tensor, params) -> torch.Tensor:
-        from ..tensor_augment import augment_cifar, normalize
-
         x = normalize(images, self.mean, self.std) if params is None else augment_cifar(images, params, self.mean,
                                                                                          self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -111,8 +112,6 @@ class TensorEvalLoader:
         return -(-self.images.shape[0] // self.batch_size)
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        from ..tensor_augment import normalize
-
         for start in range(0, self.images.shape[0], self.batch_size):
             x = normalize(self.images[start:start + self.batch_size], self.mean, self.std)
             if self.channels_last:
@@ -136,16 +135,8 @@ def check_tensor_pipeline(cfg: RunConfig, num_processes: int) -> None:
 def build_tensor_loaders(cfg: RunConfig, data: DataBundle, model, micro_batch: int, device: torch.device,
                          log=print) -> Tuple[TensorTrainLoader, Dict[str, TensorEvalLoader]]:
     """The training loader and the ``val`` / ``test`` loaders of ``data`` on ``device``: each split decoded once
-    (or read from ``data.tensor_cache``), moved to the device, batches made there. ``log`` gets one line per split
-    (decoded or read, images, size, seconds)."""
-    import time
-    from pathlib import Path
-
-    from timm.data import resolve_data_config
-
-    from .. import samplers as S
-    from .tensor_cache import decode_split, default_cache_dir, fit_transform
-
+    (or read from the ``data.tensor_cache`` folder), moved to the device, batches made there. ``log`` gets one line
+    per split (decoded or read, images, size, seconds)."""
     dc = cfg.data
     pcfg = model.pretrained_cfg
     config = resolve_data_config(pretrained_cfg=dict(pcfg))
@@ -161,7 +152,7 @@ def build_tensor_loaders(cfg: RunConfig, data: DataBundle, model, micro_batch: i
         log(f"data: {name} {'decoded' if split.built else 'read'} as uint8 {tuple(split.images.shape)} "
             f"({split.images.numel() / 2**20:.0f} MiB) in {time.time() - t:.1f}s: {split.path}")
     train = decoded["train"]
-    sampler = S.build_sampler(dc.sampler, train.labels, num_classes=data.num_classes, seed=cfg.seed,
+    sampler = build_sampler(dc.sampler, train.labels, num_classes=data.num_classes, seed=cfg.seed,
                               num_epochs=cfg.epochs)
     common = dict(mean=config["mean"], std=config["std"], channels_last=cfg.channels_last)
     train_loader = TensorTrainLoader(train.images.to(device), train.labels.to(device), sampler,

@@ -1,21 +1,23 @@
-"""Running a model over evaluation splits: :func:`predict` (every expert's logits over a DataLoader, under
-Accelerate) and :func:`evaluate_run` (the logic of ``recipes/evaluate.py``: a training output folder or an export,
-evaluated on any split and written as a report)."""
+"""Evaluating a saved model (the logic of ``recipes/evaluate.py``): a training output folder or an export, on any
+split of its data (rebuilt from the run's configuration), under any class prior, written as a report. It starts
+Accelerate, builds data and loads models, so it sits above the library's layers, not in :mod:`ncl_hub.evaluate`."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-import torch.nn as nn
+from accelerate import Accelerator
 
+from .. import files, hub
+from ..cli import read_yaml
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
-from .metrics import evaluate_predictions
-from .report import format_summary, write_report
+from ..data import build_data, build_eval_loader
+from ..evaluate import evaluate_predictions, format_summary, predict, record_absent_classes, write_report
+from ..models import WeightsUnavailableError
+from ..priors import check_prior_strength, load_prior_file, resolve_prior
 
-__all__ = ["EvaluateOptions", "evaluate_run", "predict", "record_absent_classes"]
+__all__ = ["EvaluateOptions", "evaluate_run"]
 
 
 @dataclass
@@ -40,87 +42,6 @@ class EvaluateOptions:
     """tau of the class prior (default: the model's, else 1)"""
 
 
-@torch.no_grad()
-def predict(model: nn.Module, dataloader: Any, accelerator: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every expert's logits over a dataloader.
-
-    Args:
-        model: a module with ``forward_experts(x [B, 3, H, W]) -> [K, B, C]`` (e.g. NCLModel), possibly
-            wrapped by ``accelerator.prepare``.
-        dataloader: yields dicts with ``"pixel_values"`` [B, 3, H, W] and ``"label"`` [B].
-        accelerator: an ``accelerate.Accelerator``; the model is unwrapped, run under
-            ``accelerator.autocast()``, and batches are gathered with ``gather_for_metrics`` so that
-            the samples padded onto the last batch of a distributed split are dropped.
-
-    Returns:
-        (expert logits [K, N, C] float32 on CPU, labels [N] int64 on CPU). The model is put in eval
-        mode and every submodule's previous mode is restored afterwards. The logits are what the model
-        returns: a model with a class prior (``NCLModel.set_class_prior``) returns adjusted ones, so to
-        evaluate a prior, predict without it and pass it to :func:`evaluate_predictions`, which also needs
-        the raw logits for the prior-shift records.
-    """
-    net = accelerator.unwrap_model(model) if accelerator is not None else model
-    modes = [(module, module.training) for module in model.modules()]
-    if net is not model:
-        modes += [(module, module.training) for module in net.modules()]
-    device = accelerator.device if accelerator is not None else _module_device(net)
-    model.train(False)
-    net.train(False)
-    all_logits: List[torch.Tensor] = []
-    all_labels: List[torch.Tensor] = []
-    try:
-        for batch in dataloader:
-            if "pixel_values" not in batch or "label" not in batch:
-                raise KeyError(f"batches must be dicts with 'pixel_values' and 'label'; got keys {list(batch)}")
-            x = batch["pixel_values"]
-            y = torch.as_tensor(batch["label"])
-            if device is not None:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-            with ctx:
-                logits = net.forward_experts(x)
-            if logits.ndim != 3 or logits.shape[1] != x.shape[0]:
-                raise ValueError(f"forward_experts must return [K, B, C] with B={x.shape[0]}, "
-                                 f"got {tuple(logits.shape)}")
-            # gather_for_metrics concatenates and de-duplicates along dim 0, so samples go first
-            logits = logits.float().transpose(0, 1).contiguous()
-            if accelerator is not None:
-                logits, y = accelerator.gather_for_metrics((logits, y))
-            all_logits.append(logits.cpu())
-            all_labels.append(y.flatten().cpu())
-    finally:
-        for module, training in modes:
-            module.training = training
-    if not all_logits:
-        raise ValueError("the dataloader yielded no batches")
-    return torch.cat(all_logits).transpose(0, 1).contiguous(), torch.cat(all_labels).long()
-
-
-def _module_device(module: nn.Module) -> Optional[torch.device]:
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else None
-
-
-def record_absent_classes(metrics: Dict[str, Any], split_sets: Dict[str, Any], names: List[str]) -> List[str]:
-    """Write ``classes_without_images`` (class names) into every evaluated split of ``metrics``; returns the lines
-    that report them."""
-    from ..data import classes_without_images
-    from ..data.build import name_list
-
-    lines = []
-    for split, entry in metrics.get("splits", {}).items():
-        if split_sets.get(split) is None:
-            continue
-        absent = classes_without_images(split_sets[split], names)
-        entry["classes_without_images"] = absent
-        if absent:
-            lines.append(f"{split}: {len(absent)} of {len(names)} classes have no {split} images, so no accuracy: "
-                         f"{name_list(absent)}")
-    return lines
-
-
 def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, overrides: Optional[Dict[str, Any]] = None,
                  batch_size: Optional[int] = None, class_prior: Optional[str] = None,
                  prior_strength: Optional[float] = None) -> Dict[str, Any]:
@@ -135,10 +56,6 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     any). ``prior_strength``: its tau (None: the model's). The model runs once, without prior: the metrics add the
     prior to the stored logits, and so do the prior-shift numbers for each test prior.
     """
-    from accelerate import Accelerator
-
-    from ..data import build_data, build_eval_loader
-
     path = Path(path)
     cfg, model_dir = _saved_run(path)
     if overrides:
@@ -180,15 +97,13 @@ def _saved_run(path: Path) -> Tuple[RunConfig, Path]:
         return load_config(path / "config.yaml"), path / "best"
     if (path / "config.json").is_file():
         saved = path / "training_config.yaml"
-        return (config_from_dict(_read_yaml(saved)) if saved.is_file() else RunConfig()), path
+        return (config_from_dict(read_yaml(saved)) if saved.is_file() else RunConfig()), path
     raise ConfigError(f"{path} is neither a training output folder (config.yaml + best/) nor an export "
                       "folder (config.json)")
 
 
 def _evaluation_prior(model, class_prior: Optional[str], prior_strength: Optional[float], class_counts: List[int]):
     """(prior, tau) that evaluate_run deploys the model with, checked before any image is read."""
-    from ..priors import check_prior_strength, load_prior_file, resolve_prior
-
     prior = model.class_prior if class_prior is None else class_prior
     strength = model.prior_strength if prior_strength is None else prior_strength
     try:
@@ -203,34 +118,15 @@ def _evaluation_prior(model, class_prior: Optional[str], prior_strength: Optiona
 
 def _read_run_json(path: Path) -> Dict[str, Any]:
     """A JSON file of a run or export; a damaged one is a ConfigError naming it."""
-    from .. import files
-
     try:
         return files.read_json(path, fix="Copy the folder again, or re-run the export / training that wrote it.")
     except files.DamagedFileError as e:
         raise ConfigError(str(e)) from e
 
 
-def _read_yaml(path: Path) -> Dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid YAML ({e}); copy it again from the run, or delete it to evaluate "
-                          "with the default data settings and --data.* options") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
-    return data
-
-
 def _load_for_evaluation(model_dir: Path):
     """``hub.load_model`` of the folder to evaluate; a damaged or mismatched file is a ConfigError naming it."""
-    from .. import hub
-    from ..files import DamagedFileError
-    from ..models import WeightsUnavailableError
-
     try:
         return hub.load_model(f"local-dir:{model_dir}")
-    except (DamagedFileError, hub.CheckpointMismatchError, WeightsUnavailableError) as e:
+    except (files.DamagedFileError, hub.CheckpointMismatchError, WeightsUnavailableError) as e:
         raise ConfigError(f"cannot load the model in {model_dir}: {e}") from e

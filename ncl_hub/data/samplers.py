@@ -17,6 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..labels import as_label_array
+from ..seeding import derive_seed
+from .longtail import label_array
+
 __all__ = [
     "SAMPLERS",
     "ClassBalancedSampler",
@@ -32,25 +36,8 @@ LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int], Any]
 
 def _as_labels(labels: LabelsLike) -> torch.Tensor:
     if hasattr(labels, "column_names"):  # a datasets.Dataset: read its label column, no image decoding
-        from .data import label_array
         labels = label_array(labels)
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu()
-    else:
-        labels = torch.as_tensor(np.array(labels))  # a copy: Arrow-backed arrays are read-only
-    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1-d sequence of integer class indices, got dtype {labels.dtype} "
-                         f"and shape {tuple(labels.shape)}")
-    labels = labels.long()
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be >= 0, found {int(labels.min())}")
-    return labels
-
-
-def _seed_for(seed: int, epoch: int) -> int:
-    # SeedSequence mixes (seed, epoch) so nearby pairs give unrelated streams, unlike seed + epoch
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return torch.from_numpy(as_label_array(labels).copy())  # a copy: Arrow-backed arrays are read-only
 
 
 class EpochSampler(Sampler[int]):
@@ -83,7 +70,7 @@ class EpochSampler(Sampler[int]):
 
     def _generator(self) -> torch.Generator:
         generator = torch.Generator()
-        generator.manual_seed(_seed_for(self.seed, self.epoch))
+        generator.manual_seed(derive_seed(self.seed, self.epoch))
         return generator
 
     def indices(self) -> torch.Tensor:

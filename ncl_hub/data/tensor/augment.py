@@ -1,6 +1,6 @@
 """The released CIFAR training augmentation on batches of uint8 image tensors, with per-sample random parameters.
 
-``transforms.cifar_train_transform`` augments one PIL image at a time in DataLoader workers. This module does the
+``data.transforms.cifar_train_transform`` augments one PIL image at a time in DataLoader workers. This module does the
 same steps on a whole batch ``[B, 3, H, W]`` (uint8, on any device) as tensor operations, each sample with its own
 parameters: crop with 4 px zero padding, horizontal flip, AutoAugment (CIFAR10 policy), normalisation, Cutout (1
 hole, 16 px). ``torchvision.transforms.v2.functional`` applies one parameter to a whole batch, so the operations are
@@ -315,8 +315,8 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 
 def cutout(images: Tensor, centre_y: Tensor, centre_x: Tensor, length: int = 16) -> Tensor:
-    """Cutout (``transforms.Cutout``, one hole) at given centres [B]: zero rows cy - L/2 .. cy + L/2 - 1 and the same
-    columns around cx, clipped at the borders."""
+    """Cutout (``data.transforms.Cutout``, one hole) at given centres [B]: zero rows cy - L/2 .. cy + L/2 - 1 and
+    the same columns around cx, clipped at the borders."""
     h, w = images.shape[-2:]
     half = length // 2
     cy, cx = _per_sample(centre_y, images, torch.long), _per_sample(centre_x, images, torch.long)
@@ -329,7 +329,7 @@ def cutout(images: Tensor, centre_y: Tensor, centre_x: Tensor, length: int = 16)
 def augment_cifar(images: Tensor, params: CifarAugmentParams, mean: Sequence[float], std: Sequence[float],
                   padding: int = 4, cutout_length: int = 16) -> Tensor:
     """The released CIFAR training augmentation of a batch, with each sample's own parameters: crop with padding,
-    flip, AutoAugment CIFAR10, normalise, Cutout (``transforms.cifar_train_transform`` after its resize).
+    flip, AutoAugment CIFAR10, normalise, Cutout (``data.transforms.cifar_train_transform`` after its resize).
 
     Args:
         images: uint8 [B, 3, H, W] on any device.

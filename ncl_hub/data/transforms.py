@@ -37,6 +37,7 @@ __all__ = [
     "cifar_train_transform",
     "eval_transform",
     "imagenet_train_transform",
+    "input_hw",
     "moco_key_transform",
     "to_rgb",
 ]
@@ -47,7 +48,7 @@ Size = Union[int, Sequence[int]]
 Transform = Callable[[Any], torch.Tensor]
 
 
-def _hw(input_size: Size) -> Tuple[int, int]:
+def input_hw(input_size: Size) -> Tuple[int, int]:
     """(H, W) from an int, (H, W) or timm's (3, H, W)."""
     if isinstance(input_size, int):
         return input_size, input_size
@@ -176,7 +177,7 @@ def cifar_train_transform(mean: Sequence[float], std: Sequence[float], size: Siz
     image, a 500x375 photo), so that the 4-pixel-padded random crop always has room; a CIFAR image already at the
     input size passes through them unchanged.
     """
-    h, w = _hw(size)
+    h, w = input_hw(size)
     return T.Compose([
         ToRGB(),
         T.Resize(min(h, w), interpolation=str_to_interp_mode(interpolation)),
@@ -208,7 +209,7 @@ def imagenet_train_transform(
     ``force_color_jitter=True``.
     """
     return _with_rgb(transforms_imagenet_train(
-        img_size=_hw(input_size), scale=tuple(scale), color_jitter=color_jitter, force_color_jitter=True,
+        img_size=input_hw(input_size), scale=tuple(scale), color_jitter=color_jitter, force_color_jitter=True,
         auto_augment=auto_augment, interpolation=interpolation, mean=tuple(mean), std=tuple(std)))
 
 
@@ -225,7 +226,7 @@ def moco_key_transform(input_size: Size, mean: Sequence[float], std: Sequence[fl
     p 0.8, RandomGrayscale(0.2), GaussianBlur (kernel about 10% of the side, odd, >= 3; sigma 0.1-2) with p 0.5,
     flip, ToTensor, Normalize.
     """
-    h, w = _hw(input_size)
+    h, w = input_hw(input_size)
     return T.Compose([
         ToRGB(),
         T.RandomResizedCrop((h, w), scale=(0.2, 1.0)),
@@ -250,7 +251,7 @@ def eval_transform(pretrained_cfg: Mapping[str, Any]) -> T.Compose:
 
 def _no_augment_transform(pretrained_cfg: Mapping[str, Any]) -> T.Compose:
     config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
-    h, w = _hw(config["input_size"])
+    h, w = input_hw(config["input_size"])
     return T.Compose([
         ToRGB(),
         T.Resize(min(h, w), interpolation=str_to_interp_mode(config["interpolation"])),

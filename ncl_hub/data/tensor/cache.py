@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import str_to_interp_mode
+from torchvision import transforms as T
+
+from ... import files
+from ..transforms import ToRGB, TransformedImageDataset, input_hw
 
 __all__ = ["DecodedSplit", "FORMAT_VERSION", "content_key", "decode_split", "default_cache_dir", "fit_transform"]
 
@@ -53,15 +61,9 @@ def fit_transform(kind: str, pretrained_cfg: Mapping[str, Any]) -> Callable[[Any
     policy start so). ``"eval"``: ``to_rgb`` and timm's evaluation resize and centre crop (``eval_transform``
     without its ToTensor and Normalize).
     """
-    from timm.data import create_transform, resolve_data_config
-    from timm.data.transforms import str_to_interp_mode
-    from torchvision import transforms as T
-
-    from ..transforms import ToRGB, _hw
-
     config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     if kind == "train":
-        h, w = _hw(config["input_size"])
+        h, w = input_hw(config["input_size"])
         return T.Compose([ToRGB(), T.Resize(min(h, w), interpolation=str_to_interp_mode(config["interpolation"])),
                           T.CenterCrop((h, w))])
     if kind == "eval":
@@ -96,16 +98,13 @@ def decode_split(dataset: Any, fit: Callable[[Any], Any], cache_dir: Path, *, na
     there (atomically: a temporary file, then a rename).
 
     Args:
-        dataset: a ``datasets.Dataset`` (or ``data.arrow.ArrowImageDataset``) with ``image`` and ``label``.
+        dataset: a ``datasets.Dataset`` with ``image`` and ``label``.
         fit: e.g. ``fit_transform("train", model.pretrained_cfg)``.
         cache_dir: folder of the cache files.
         name: split name, the start of the file name (``train-<key>.safetensors``).
         on_decode_error: ``raise``, or ``skip``: an unreadable image is replaced by the next readable one and its
             row listed in ``skipped`` (as ``TransformedImageDataset``).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     key = content_key(dataset, repr(fit))
     path = Path(cache_dir).expanduser() / f"{name}-{key[:32]}.safetensors"
     if path.is_file():
@@ -124,10 +123,6 @@ def decode_split(dataset: Any, fit: Callable[[Any], Any], cache_dir: Path, *, na
 
 
 def _decode(dataset: Any, fit: Callable[[Any], Any], num_workers: int, on_decode_error: str):
-    from torchvision import transforms as T
-
-    from ..transforms import TransformedImageDataset
-
     source = TransformedImageDataset(dataset, T.Compose([fit, T.PILToTensor()]), on_decode_error=on_decode_error)
     loader = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False, num_workers=num_workers)
     images, labels = [], []
@@ -141,16 +136,11 @@ def _decode(dataset: Any, fit: Callable[[Any], Any], num_workers: int, on_decode
 
 def _write(path: Path, images: torch.Tensor, labels: torch.Tensor, skipped: List[int], key: str,
            name: str) -> Optional[Path]:
-    from safetensors.torch import save_file
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"images": images, "labels": labels, "skipped": torch.tensor(skipped, dtype=torch.long)}, str(tmp),
-                  metadata={"key": key, "split": name, "shape": "x".join(map(str, images.shape)),
-                            "format": FORMAT_VERSION})
-        os.replace(tmp, path)
-        return path
+        tensors = {"images": images, "labels": labels, "skipped": torch.tensor(skipped, dtype=torch.long)}
+        metadata = {"key": key, "split": name, "shape": "x".join(map(str, images.shape)), "format": FORMAT_VERSION}
+        return files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as err:  # a read-only or full disk: train anyway, decoding again next time
         _logger.warning("could not write the decoded-split cache %s: %s", path, err)
         return None
