@@ -6,8 +6,8 @@ validation hold-out, the sampler, per-sample seeded augmentation):
 * ``--pipeline pil``: ``build_train_loader``: image decode + the CIFAR policy (crop, flip, AutoAugment, Cutout) +
   the MoCo key view (unless ``--no-key-view``) in DataLoader workers;
 * ``--pipeline tensor``: ``build_tensor_loaders``: the split decoded once to uint8 (or read from the decoded-split
-  cache; the time is printed apart), then the same policy on whole chunks of tensors (``ncl_hub.data.tensor.augment``) on
-  ``--device``; no key view (the tensor pipeline has none).
+  cache; the time is printed apart), then the same policy on whole chunks of tensors
+  (``ncl_hub.data.tensor.augment``) on ``--device``; no key view (the tensor pipeline has none).
 
 images/s is the sustained rate over ``--batches`` batches (mean, not median: the tensor pipeline augments a chunk
 of batches at once), after the first for pil (worker start-up), from the first for tensor (its first batch carries

@@ -15,23 +15,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from . import files
+from .errors import UserError
 
-__all__ = ["ConfigError", "Layer", "cli_pairs", "data_layer", "describe", "expects", "flatten", "leaves", "parse",
-           "parse_options", "read_yaml", "resolve_key"]
+__all__ = ["ConfigError", "DEBUG_HELP", "Layer", "cli_pairs", "data_layer", "describe", "error_line", "expects",
+           "flatten", "leaves", "parse", "parse_options", "read_yaml", "resolve_key", "run_recipe"]
 
 T = TypeVar("T")
 Layer = Tuple[str, Dict[str, Any]]  # (source, {dotted path: value, or command-line text})
 _NO_RENAMES: Mapping[str, str] = {}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported before any training starts."""
 
 
@@ -135,13 +137,14 @@ def _cli_pairs(argv: Sequence[str], known: Dict[str, Any], *, positional: Sequen
 
 
 def data_layer(cls: type, data: Dict[str, Any], source: str,
-               renamed: Mapping[str, str] = _NO_RENAMES) -> Layer:
-    """A mapping of values (a YAML file, a saved config; sections as nested mappings) with every key checked."""
+               renamed: Mapping[str, str] = _NO_RENAMES, retired: Sequence[str] = ()) -> Layer:
+    """A mapping of values (a YAML file, a saved config; sections as nested mappings) with every key checked;
+    ``retired`` keys (settings that no longer exist, in files written by an earlier version) are left out."""
     known = leaves(cls)
     sections = {path.split(".")[0] for path in known if "." in path}
     try:
         return source, {resolve_key(k, known, shortcuts=False, renamed=renamed): v
-                        for k, v in flatten(data, sections).items()}
+                        for k, v in flatten(data, sections).items() if k not in retired}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -255,3 +258,41 @@ def cli_pairs(argv: Sequence[str], cls: type, *, bare: Mapping[str, str] = _NO_R
               renamed: Mapping[str, str] = _NO_RENAMES) -> Dict[str, Any]:
     """The ``--key value`` pairs of ``argv`` for the options of ``cls``, keys resolved (see module docstring)."""
     return _cli_pairs(argv, leaves(cls), bare=bare, renamed=renamed)
+
+
+# ---------------------------------------------------------------------------------------------- running a recipe
+DEBUG_ENV = "NCL_HUB_DEBUG"
+DEBUG_HELP = (f"An error that ends the command is one line, 'error: <what went wrong>. <what to do>'; --debug (or "
+              f"{DEBUG_ENV}=1) shows its full traceback instead.")
+
+
+def error_line(error: BaseException) -> str:
+    """``error: <message>`` on one line. A :class:`~ncl_hub.errors.UserError` (bad input, a diverging run) is its
+    message; any other exception is a bug or a case ncl_hub does not handle, and says how to see more."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own last line
+        text = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+    text = " ".join(text.split())
+    if isinstance(error, UserError):
+        return f"error: {text}"
+    return (f"error: {type(error).__name__}: {text or 'no message'}. This is unexpected: rerun with --debug to see "
+            "where it happened, and report it if it is a bug")
+
+
+def run_recipe(run: Callable[[List[str]], T], argv: Optional[Sequence[str]] = None) -> T:
+    """Run a recipe's ``run(args)`` on its command line (``sys.argv[1:]`` when ``argv`` is None).
+
+    From the command line, an error that ends it is printed as :func:`error_line` (the last line of stderr, no
+    traceback) and the process exits with status 1; ``--debug`` (removed from the arguments) or
+    ``NCL_HUB_DEBUG=1`` lets the traceback through. In-process callers (``argv`` given, e.g. tests) get the
+    exception itself."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if argv is not None or debug:
+        return run(args)
+    try:
+        return run(args)
+    except Exception as e:  # the one place every recipe's errors end: one line, not a traceback
+        print(error_line(e), file=sys.stderr)
+        raise SystemExit(1) from None

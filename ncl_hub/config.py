@@ -21,8 +21,8 @@ import yaml
 
 from . import files
 from .cli import (
-    ConfigError, cli_pairs, data_layer, describe as _describe, expects, flatten, leaves, parse, parse_options,
-    read_yaml, resolve_key,
+    DEBUG_HELP, ConfigError, cli_pairs, data_layer, describe as _describe, expects, flatten, leaves, parse,
+    parse_options, read_yaml, resolve_key,
 )
 
 __all__ = [
@@ -187,8 +187,13 @@ class DataConfig:
     """images per evaluation batch per process"""
     num_workers: int = 2
     """DataLoader worker processes per training process"""
-    on_decode_error: Literal["raise", "skip"] = "raise"
-    """an image that cannot be decoded: raise (stop, naming it) or skip (count it)"""
+    skip_unreadable: bool = False
+    """every image of the splits a run uses is decoded once before training: false stops with one error naming
+    each unreadable file (truncated, empty, not an image, a decompression bomb); true leaves them out and lists
+    them in run_info.json and the model card. An image that turns unreadable later is skipped and named"""
+    check_cache: Optional[str] = None
+    """folder of the image-check records, keyed by the images' content (default: ncl_hub_checked beside the
+    Hugging Face datasets cache)"""
     limit_train: Optional[int] = None
     """use only the first N training images (smoke tests)"""
     limit_eval: Optional[int] = None
@@ -303,16 +308,23 @@ class RunConfig:
     """create the Hub repos private"""
 
 
-# keys of earlier versions, with what replaced them
+# keys of earlier versions, with what replaced them; a saved config (a run's config.yaml) may still hold them and
+# is read without them
 _RENAMED = {
+    "data.on_decode_error": "data.skip_unreadable (every image is checked before training; an unreadable one stops "
+                            "the run, or is left out with --data.skip_unreadable true)",
+    "on_decode_error": "data.skip_unreadable (every image is checked before training)",
     "optim.warmup_epochs": "optim.warmup_steps (the warm-up is counted in optimizer steps: with a small dataset or "
                            "a short run, a warm-up in epochs is only a few dozen steps)",
     "warmup_epochs": "optim.warmup_steps (the warm-up is counted in optimizer steps)",
 }
+# settings that no longer exist: a saved config that holds them (a run's config.yaml) is read without them
+_RETIRED = ("data.on_decode_error",)
 # options that may be given without a value, and what they mean then (every bool option means true)
 _BARE = {"resume": "latest"}
 _HELP = ("Values merge as defaults <- --config YAML <- --key value. A key's last part may be used alone where it "
-         "is unique (--epochs 3, --lr 0.05); flags take no value (--overwrite); --resume alone means latest.")
+         "is unique (--epochs 3, --lr 0.05); flags take no value (--overwrite); --resume alone means latest. "
+         + DEBUG_HELP)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, base: Optional[RunConfig] = None) -> RunConfig:
@@ -332,13 +344,14 @@ def _file_layer(path: Union[str, Path]):
 
 
 def load_config(path: Union[str, Path], base: Optional[RunConfig] = None) -> RunConfig:
-    """A YAML file (plain data, sections as nested mappings) merged over ``base`` (default: the defaults)."""
-    return parse(RunConfig, [_file_layer(path)], base)
+    """A saved YAML config (plain data, sections as nested mappings; a run's config.yaml) merged over ``base``
+    (default: the defaults). Settings an earlier version wrote that no longer exist are left out."""
+    return parse(RunConfig, [data_layer(RunConfig, read_yaml(path), str(path), _RENAMED, _RETIRED)], base)
 
 
 def config_from_dict(data: Dict[str, Any]) -> RunConfig:
     """A saved config (``config_to_dict``'s layout, e.g. a run's config.yaml) merged over the defaults."""
-    return parse(RunConfig, [data_layer(RunConfig, data, "saved config", _RENAMED)])
+    return parse(RunConfig, [data_layer(RunConfig, data, "saved config", _RENAMED, _RETIRED)])
 
 
 def apply_overrides(cfg: RunConfig, values: Dict[str, Any]) -> RunConfig:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Unio
 import torch
 import yaml
 
+from .errors import UserError
+
 __all__ = [
     "DamagedFileError", "WEIGHT_FILES", "atomic_folder", "atomic_write", "check_checkpoint_folder", "fetch_hub_file",
     "find_weights", "read_json", "read_weights", "read_yaml", "split_revision", "swap_folder", "write_json",
@@ -38,7 +40,7 @@ _LFS_POINTER = b"version https://git-lfs"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses larger headers too
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(UserError, ValueError):
     """A file is damaged or is not what its name says; the message names it, the problem and the fix."""
 
 

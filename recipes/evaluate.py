@@ -17,23 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ncl_hub.apps import EvaluateOptions, evaluate_run  # noqa: E402
-from ncl_hub.config import ConfigError, RunConfig, parse_options  # noqa: E402
+from ncl_hub.cli import DEBUG_HELP, run_recipe  # noqa: E402
+from ncl_hub.config import RunConfig, parse_options  # noqa: E402
+
+
+def _run(args):
+    opts, overrides = parse_options(EvaluateOptions, args or ["--help"], positional=["path"],
+                                    description=f"{__doc__}\n{DEBUG_HELP}", overrides_of=RunConfig)
+    return evaluate_run(opts.path, splits=opts.split, out_dir=opts.out, overrides=overrides,
+                        batch_size=opts.batch_size, class_prior=opts.class_prior, prior_strength=opts.prior_strength)
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if not args:
-            args = ["--help"]
-        opts, overrides = parse_options(EvaluateOptions, args, positional=["path"], description=__doc__,
-                                        overrides_of=RunConfig)
-        return evaluate_run(opts.path, splits=opts.split, out_dir=opts.out, overrides=overrides,
-                            batch_size=opts.batch_size, class_prior=opts.class_prior,
-                            prior_strength=opts.prior_strength)
-    except ConfigError as e:
-        if argv is not None:  # in-process callers (tests) get the exception
-            raise
-        sys.exit(f"error: {e}")
+    """From the command line an error is one line (--debug: its traceback); in-process callers get exceptions."""
+    return run_recipe(_run, argv)
 
 
 if __name__ == "__main__":

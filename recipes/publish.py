@@ -13,22 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ncl_hub.config import ConfigError, parse_options  # noqa: E402
+from ncl_hub.cli import DEBUG_HELP, run_recipe  # noqa: E402
+from ncl_hub.config import parse_options  # noqa: E402
 from ncl_hub.hub import PublishOptions, publish  # noqa: E402
 
 
-def main(argv=None):
-    try:
-        opts, _ = parse_options(PublishOptions, sys.argv[1:] if argv is None else list(argv),
-                                positional=["output_dir"], description=__doc__)
-        result = publish(opts.output_dir, opts.repo_id, private=opts.private, dry_run=opts.dry_run,
-                         format=opts.format, commit_message=opts.commit_message)
-    except ConfigError as e:
-        if argv is not None:
-            raise
-        sys.exit(f"error: {e}")
+def _run(args):
+    opts, _ = parse_options(PublishOptions, args, positional=["output_dir"], description=f"{__doc__}\n{DEBUG_HELP}")
+    result = publish(opts.output_dir, opts.repo_id, private=opts.private, dry_run=opts.dry_run, format=opts.format,
+                     commit_message=opts.commit_message)
     print(json.dumps(result, indent=2))
     return result
+
+
+def main(argv=None):
+    """From the command line an error is one line (--debug: its traceback); in-process callers get exceptions."""
+    return run_recipe(_run, argv)
 
 
 if __name__ == "__main__":

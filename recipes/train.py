@@ -13,24 +13,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ncl_hub.config import ConfigError, parse_args  # noqa: E402
+from ncl_hub.cli import run_recipe  # noqa: E402
+from ncl_hub.config import parse_args  # noqa: E402
 from ncl_hub.training import train  # noqa: E402
 
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_demo.yaml"
 
 
-def main(argv=None):
-    args = sys.argv[1:] if argv is None else list(argv)
+def _run(args):
     if not args:  # the README's main job: train, evaluate and export the offline digits demo
         args = ["--config", str(DEMO_CONFIG)]
-    try:
-        cfg = parse_args(args)
-        return train(cfg, argv=args)
-    except ConfigError as e:
-        if argv is not None:  # in-process callers (tests) get the exception
-            raise
-        sys.exit(f"error: {e}")
+    return train(parse_args(args), argv=args)
+
+
+def main(argv=None):
+    """From the command line an error is one line (--debug: its traceback); in-process callers get exceptions."""
+    return run_recipe(_run, argv)
 
 
 if __name__ == "__main__":

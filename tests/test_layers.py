@@ -10,7 +10,7 @@ from typing import Dict, List, Set, Tuple
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ncl_hub"
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("ncl_hub.version", "ncl_hub.files", "ncl_hub.labels", "ncl_hub.seeding"),  # utilities
+    ("ncl_hub.version", "ncl_hub.errors", "ncl_hub.files", "ncl_hub.labels", "ncl_hub.seeding"),  # utilities
     ("ncl_hub.cli", "ncl_hub.config"),  # configuration
     ("ncl_hub.priors", "ncl_hub.calibration", "ncl_hub.losses", "ncl_hub.baselines", "ncl_hub.models"),
     ("ncl_hub.data",),

@@ -100,18 +100,20 @@ def test_output_folder_holding_another_run_is_refused(tiny_data, tmp_path):
     assert (out / "checkpoints" / "epoch_0000").is_dir()
 
 
-@pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_undecodable_image_stops_with_its_index_or_is_counted(mode, tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_undecodable_image_stops_the_run_before_training_or_is_left_out(skip, tmp_path):
     data = make_tiny_dataset(tmp_path / "corrupt", corrupt_index=5)
     argv = [*TINY, "--data.dataset", str(data), "--data.val_per_class", "0", "--epochs", "1",
-            "--data.on_decode_error", mode, "--output_dir", str(tmp_path / "run")]
-    if mode == "raise":
-        with pytest.raises(Exception, match=r"index 5"):
+            "--data.skip_unreadable", str(skip).lower(), "--output_dir", str(tmp_path / "run")]
+    if not skip:
+        with pytest.raises(ConfigError, match=r"split 'train', row 5 .*: not an image: a text file"):
             train_recipe.main(argv)
+        assert not (tmp_path / "run" / "checkpoints").exists()
     else:
         train_recipe.main(argv)
         info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-        assert info["skipped_train_images"] == [5]
+        assert [r["row"] for r in info["unreadable_images"]["train"]] == [5] and info["skipped_train_images"] == []
+        assert sum(info["class_counts"]) == 27  # 28 training images, one left out
 
 
 # ---------------------------------------------------------------------------------------------- crashes

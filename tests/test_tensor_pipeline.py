@@ -249,8 +249,8 @@ def test_tensor_pipeline_refuses_what_it_does_not_do(tiny_data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the GPU script
 def test_gpu_script_dry_run_on_cpu(cifar10_dir, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DEVICE="cpu", EPOCHS="1", LIMIT="512", SMOKE_STEPS="1", BENCH_MODES="none",
-               PYTHON=sys.executable, DATA=str(cifar10_dir), WORK=str(tmp_path / "work"),
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DEVICE="cpu", EPOCHS="1", LIMIT="512", SMOKE_STEPS="1",
+               BENCH_MODES="none", PYTHON=sys.executable, DATA=str(cifar10_dir), WORK=str(tmp_path / "work"),
                EXTRA="--model.name null --model.backbone resnet8_cifar_tiny --data.eval_batch_size 128")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "device_reproduce.sh"), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -62,7 +62,8 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
         cfg = apply_overrides(cfg, overrides)
     counts = _read_run_json(model_dir / "config.json").get("ncl", {}).get("class_counts")
     model = _load_for_evaluation(model_dir)
-    data = build_data(cfg)
+    splits = list(splits or ["test"])
+    data = build_data(cfg, check=splits)  # every image of the evaluated splits checked first
     prior, strength = _evaluation_prior(model, class_prior, prior_strength, counts or data.class_counts)
     model.set_class_prior(None)  # raw logits; evaluate_predictions adds the prior
     run_info = path / "run_info.json"
@@ -71,13 +72,12 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     accelerator = Accelerator()
     model.to(accelerator.device)
     available = {"train": data.train, "val": data.val, "test": data.test}
-    splits = list(splits or ["test"])
     predictions = {}
     for name in splits:
         if available.get(name) is None:
             have = [k for k, v in available.items() if v is not None]
             raise ConfigError(f"split {name!r} is not available; have {have}")
-        loader = build_eval_loader(cfg, available[name], model.pretrained_cfg, batch_size or 0)
+        loader = build_eval_loader(cfg, available[name], model.pretrained_cfg, batch_size or 0, split=name)
         predictions[name] = predict(model, accelerator.prepare(loader), accelerator)
     metrics = evaluate_predictions(predictions, counts or data.class_counts, selected_expert=selected,
                                    class_prior=prior, prior_strength=strength)

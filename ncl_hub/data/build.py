@@ -1,15 +1,17 @@
-"""The data of a training run, by the benchmark's protocol: the dataset loaded, its training split made long-tailed,
-a balanced validation split for model selection, the test split kept for the end; every input problem a
-``ConfigError`` before training starts."""
+"""The data of a training run, by the benchmark's protocol: the dataset loaded, every image of the splits used
+checked (:mod:`.checks`), its training split made long-tailed, a balanced validation split for model selection, the
+test split kept for the end; every input problem a ``ConfigError`` before training starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 from ..config import ConfigError, DataConfig, RunConfig
 from ..labels import check_labels
 from .benchmarks import BENCHMARKS, load_benchmark
+from .checks import check_split, unreadable_error
 from .longtail import class_counts, is_balanced, long_tailed_split, make_long_tailed, split_validation
 from .sources import load_image_dataset
 
@@ -28,19 +30,23 @@ class DataBundle:
     class_counts: List[int]  # training images per class [C]
     source: str
     notes: List[str] = field(default_factory=list)  # how train / val were made, printed at start
+    # images left out because they cannot be read (data.skip_unreadable): split -> [{row, where, reason}]
+    unreadable: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def build_data(cfg: RunConfig) -> DataBundle:
-    """Load the dataset, make the train split long-tailed, hold out a balanced validation split.
+def build_data(cfg: RunConfig, check: Sequence[str] = ("train", "val", "test")) -> DataBundle:
+    """Load the dataset, check its images, make the train split long-tailed, hold out a balanced validation split.
 
-    Every problem with the input (a missing path, no image or label column, bad labels, an empty class)
-    is raised as a ConfigError naming it, before any training."""
+    Every problem with the input (a missing path, no image or label column, bad labels, an empty class, an image
+    that cannot be read) is raised as a ConfigError naming it, before any training. ``check``: the source splits
+    whose every image is decoded once first (``train``, the source's own ``val``, ``test``; the caller's choice of
+    the splits it will read); with ``data.skip_unreadable`` the unreadable ones are left out instead."""
     try:
-        return _build_data(cfg)
+        return _build_data(cfg, check)
     except (FileNotFoundError, ValueError, KeyError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -60,15 +66,17 @@ def _load_splits(dc: DataConfig) -> dict:
                                    label_column=dc.label_column))
 
 
-def _build_data(cfg: RunConfig) -> DataBundle:
+def _build_data(cfg: RunConfig, check: Sequence[str]) -> DataBundle:
     dc = cfg.data
     splits = _load_splits(dc)
+    splits, unreadable, check_notes = _check_images(splits, dc, check)
     train = splits["train"]
     names = _class_names(train)
     _check_labels(train, len(names), dc.train_split)
     if dc.imbalance_factor is not None and dc.imbalance_factor < 1:
         raise ConfigError(f"imbalance_factor must be >= 1, got {dc.imbalance_factor}")
     train, val, notes = _train_and_val(train, splits.get("val") if dc.val_per_class > 0 else None, dc, names)
+    notes = notes + check_notes
     if dc.limit_train is not None and dc.limit_train < len(train):
         train = train.shuffle(seed=cfg.seed).select(range(dc.limit_train))
     counts = class_counts(train, len(names))
@@ -89,7 +97,31 @@ def _build_data(cfg: RunConfig) -> DataBundle:
         notes.append(f"test: {len(absent)} of {len(names)} classes have no test images: {name_list(absent)}; "
                      "their accuracy is not measured (many / medium / few average the classes present)")
     return DataBundle(train=train, val=val if val is not None and len(val) else None, test=test,
-                      class_names=names, class_counts=counts, source=dc.dataset, notes=notes)
+                      class_names=names, class_counts=counts, source=dc.dataset, notes=notes, unreadable=unreadable)
+
+
+def _check_images(splits: dict, dc: DataConfig, check: Sequence[str]) -> Tuple[dict, Dict[str, list], List[str]]:
+    """Decode every image of the source splits in ``check`` (that the run uses) once, or read the record of an
+    earlier check; stop with one error naming every unreadable image, or (``skip_unreadable``) leave them out."""
+    used = {"train": True, "val": dc.val_per_class > 0, "test": bool(dc.test_split)}
+    notes: List[str] = []
+    bad = []
+    for name in ("train", "val", "test"):
+        if name in splits and name in check and used[name]:
+            bad += check_split(splits[name], name, num_workers=dc.num_workers, log=notes.append,
+                               cache_dir=Path(dc.check_cache) if dc.check_cache else None)
+    if not bad:
+        return splits, {}, notes
+    if not dc.skip_unreadable:
+        raise unreadable_error(bad)
+    unreadable: Dict[str, list] = {}
+    for name in {b.split for b in bad}:
+        rows = {b.row for b in bad if b.split == name}
+        splits[name] = splits[name].select([i for i in range(len(splits[name])) if i not in rows])
+        unreadable[name] = [{"row": b.row, "where": b.where, "reason": b.reason} for b in bad if b.split == name]
+    shown = "; ".join(b.line() for b in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+    notes.append(f"{len(bad)} unreadable image(s) left out (data.skip_unreadable; listed in run_info.json): {shown}")
+    return splits, unreadable, notes
 
 
 def _class_names(dataset) -> List[str]:

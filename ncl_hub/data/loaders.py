@@ -12,7 +12,9 @@ from ..config import RunConfig
 from ..seeding import seed_words
 from .build import DataBundle
 from .samplers import build_sampler
-from .transforms import TransformedImageDataset, build_train_transform, eval_transform, moco_key_transform
+from .transforms import (
+    TransformedImageDataset, build_train_transform, decode_min_side, eval_transform, moco_key_transform,
+)
 
 __all__ = ["EpochSeededDataset", "build_eval_loader", "build_train_loader"]
 
@@ -58,21 +60,23 @@ def build_train_loader(cfg: RunConfig, data: DataBundle, model, micro_batch: int
     pcfg = model.pretrained_cfg
     train_tf = build_train_transform(cfg.data.augment, pcfg)
     key_tf = moco_key_transform(pcfg["input_size"], pcfg["mean"], pcfg["std"]) if model.moco is not None else None
-    train_set = EpochSeededDataset(
-        TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error=cfg.data.on_decode_error),
-        seed=cfg.seed)
+    # every image was checked before training: one that turns unreadable since is skipped and named, never fatal
+    images = TransformedImageDataset(data.train, train_tf, key_transform=key_tf, on_decode_error="skip",
+                                     min_side=decode_min_side(pcfg), split="train")
+    train_set = EpochSeededDataset(images, seed=cfg.seed)
     labels = data.train.with_format(None)["label"]
     sampler = build_sampler(cfg.data.sampler, labels, num_classes=data.num_classes, seed=cfg.seed,
-                              num_epochs=cfg.epochs)
+                            num_epochs=cfg.epochs)
     return torch.utils.data.DataLoader(
         train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed), **_loader_kwargs(cfg))
 
 
-def build_eval_loader(cfg: RunConfig, dataset, pretrained_cfg: Mapping[str, Any],
-                      batch_size: int = 0) -> torch.utils.data.DataLoader:
+def build_eval_loader(cfg: RunConfig, dataset, pretrained_cfg: Mapping[str, Any], batch_size: int = 0,
+                      split: str = "eval") -> torch.utils.data.DataLoader:
     """An evaluation DataLoader in dataset order: the model's eval transform, ``batch_size`` images per batch
-    (0: ``cfg.data.eval_batch_size``)."""
-    return torch.utils.data.DataLoader(
-        TransformedImageDataset(dataset, eval_transform(pretrained_cfg), on_decode_error=cfg.data.on_decode_error),
-        batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False, **_loader_kwargs(cfg))
+    (0: ``cfg.data.eval_batch_size``); an image that turned unreadable after the check is skipped and named."""
+    images = TransformedImageDataset(dataset, eval_transform(pretrained_cfg), on_decode_error="skip",
+                                     min_side=decode_min_side(pretrained_cfg), split=split)
+    return torch.utils.data.DataLoader(images, batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False,
+                                       **_loader_kwargs(cfg))

@@ -17,6 +17,7 @@ timm's evaluation transform, which resizes to ``side / crop_pct`` first).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,10 +27,15 @@ from timm.data.transforms import str_to_interp_mode
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms as T
 
+from ..errors import UserError
+from .checks import describe_row, open_image
+
 __all__ = [
     "BACKGROUND",
     "Cutout",
     "ImageDecodeError",
+    "decode_min_side",
+    "load_stored_image",
     "ToRGB",
     "TRAIN_POLICIES",
     "TransformedImageDataset",
@@ -305,14 +311,53 @@ def build_train_transform(policy: str, pretrained_cfg: Mapping[str, Any]) -> T.C
     return TRAIN_POLICIES[policy](pretrained_cfg)
 
 
-class ImageDecodeError(RuntimeError):
-    """An image of the dataset could not be read or decoded; the message names its index."""
+class ImageDecodeError(UserError, RuntimeError):
+    """An image of the dataset could not be read or decoded; the message names it (its path, or split and row)."""
+
+
+def _undecoded(dataset: Any) -> Any:
+    """``dataset`` (format reset) with its ``image`` column as stored ``{bytes, path}`` (a feature change only: no
+    data is copied), so that :class:`TransformedImageDataset` decodes each image itself, at the size it needs."""
+    import datasets
+
+    dataset = dataset.with_format(None)
+    feature = dataset.features.get("image")
+    if isinstance(feature, datasets.Image) and feature.decode:
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
+
+
+def decode_min_side(pretrained_cfg: Mapping[str, Any]) -> int:
+    """The shorter side a JPEG is never decoded below for a model (4 x its input side): enough for any crop of the
+    training and evaluation policies, and a 12-megapixel photo for a 224 px model is decoded at half size."""
+    return 4 * max(input_hw(pretrained_cfg.get("input_size", 224)))
+
+
+def load_stored_image(stored: Any, min_side: Optional[int] = None) -> Any:
+    """A PIL image from a stored ``{bytes, path}`` (or a PIL image, returned as it is): bytes, else a local file,
+    decoded by :func:`ncl_hub.data.checks.open_image` (a large JPEG at reduced size, never below ``min_side``);
+    other paths (remote files) through ``datasets``."""
+    from PIL import Image
+
+    if isinstance(stored, Image.Image):
+        return stored
+    if not isinstance(stored, dict):
+        raise TypeError(f"expected a PIL image or {{bytes, path}}, got {type(stored).__name__}")
+    data, path = stored.get("bytes"), stored.get("path")
+    if data is not None:
+        return open_image(data, min_side=min_side)
+    if path and os.path.isfile(path):
+        return open_image(path, min_side=min_side)
+    import datasets
+
+    return datasets.Image().decode_example(stored)
 
 
 class TransformedImageDataset(torch.utils.data.Dataset):
     """A map-style torch Dataset over a ``datasets.Dataset`` with ``image`` and ``label`` columns.
 
-    Images are decoded in ``__getitem__``, i.e. inside DataLoader worker processes, made upright 3-channel RGB by
+    Images are decoded in ``__getitem__``, i.e. inside DataLoader worker processes (a JPEG much larger than the
+    model needs at reduced size, its shorter side kept at least ``min_side``), made upright 3-channel RGB by
     ``to_rgb`` (grayscale, alpha, palette, CMYK, 16-bit and EXIF-rotated inputs alike) and transformed.
     ``__getitem__(i)`` returns ``{"pixel_values": [3, H, W] float, "label": int, "index": int}`` (+ ``"key_values"``);
     ``index`` is that of the image returned, i.e. ``i`` unless it was skipped.
@@ -321,8 +366,10 @@ class TransformedImageDataset(torch.utils.data.Dataset):
         dataset: a ``datasets.Dataset`` (any format set on it is ignored).
         transform: PIL image -> float tensor [3, H, W].
         key_transform: if given, a second, independently augmented view ``"key_values"`` of the same image.
-        on_decode_error: ``"raise"``: an image that cannot be read raises ``ImageDecodeError`` naming its index;
-            ``"skip"``: return the next readable index instead (wrapping around) and record the unreadable one.
+        on_decode_error: ``"raise"``: an image that cannot be read raises ``ImageDecodeError`` naming it;
+            ``"skip"``: log it by name, return the next readable index instead (wrapping around) and record it.
+        min_side: shorter side below which a JPEG is never reduced at decode time (None: full size).
+        split: the split's name, used to name an unreadable image stored inside the dataset.
 
     ``skipped`` lists the unreadable indices met so far. The flags live in a shared-memory tensor, so indices
     skipped inside DataLoader workers show up in the main process too (best effort: read it after the epoch;
@@ -335,13 +382,16 @@ class TransformedImageDataset(torch.utils.data.Dataset):
             transform: Transform,
             key_transform: Optional[Transform] = None,
             on_decode_error: Literal["raise", "skip"] = "raise",
+            min_side: Optional[int] = None,
+            split: str = "data",
     ):
         if on_decode_error not in ("raise", "skip"):
             raise ValueError(f"on_decode_error must be 'raise' or 'skip', got {on_decode_error!r}")
         for column in ("image", "label"):
             if column not in dataset.column_names:
                 raise ValueError(f"dataset needs an {column!r} column; columns found: {dataset.column_names}")
-        self.dataset = dataset.with_format(None)
+        self.dataset = _undecoded(dataset)
+        self.min_side, self.split = min_side, split
         self.transform = transform
         self.key_transform = key_transform
         self.on_decode_error = on_decode_error
@@ -356,16 +406,8 @@ class TransformedImageDataset(torch.utils.data.Dataset):
         return torch.nonzero(self._skipped_flags).flatten().tolist()
 
     def _load(self, index: int) -> Tuple[Any, int]:
-        from PIL import Image
-
         row = self.dataset[index]
-        image = row["image"]
-        if isinstance(image, dict):  # an Image(decode=False) column
-            import datasets
-            image = datasets.Image().decode_example(image)
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-        return to_rgb(image), int(row["label"])
+        return to_rgb(load_stored_image(row["image"], self.min_side)), int(row["label"])
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         n = len(self)
@@ -378,11 +420,12 @@ class TransformedImageDataset(torch.utils.data.Dataset):
                 image, label = self._load(i)
                 break
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, ValueError... for bad files
+                where = describe_row(self.dataset, self.split, i)
                 if self.on_decode_error == "raise":
-                    raise ImageDecodeError(f"could not decode the image at dataset index {i}: "
+                    raise ImageDecodeError(f"could not decode {where} (dataset index {i}): "
                                            f"{type(err).__name__}: {err}") from err
                 if not self._skipped_flags[i]:
-                    _logger.warning("skipping unreadable image at dataset index %d: %s", i, err)
+                    _logger.warning("skipping unreadable image %s (dataset index %d): %s", where, i, err)
                 self._skipped_flags[i] = True
         else:
             raise ImageDecodeError(f"no image of the {n} in the dataset could be decoded")

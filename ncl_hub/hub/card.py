@@ -61,6 +61,7 @@ class RunRecord:
     wall_time_s: Optional[float] = None
     class_counts: Optional[List[int]] = None
     pretrained_backbone: Any = None  # true, or the Hub id of the weights the trunks started from
+    unreadable: Optional[Dict[str, int]] = None  # images left out as unreadable (data.skip_unreadable), per split
 
     @classmethod
     def read(cls, run_info: Optional[dict], training_config: Optional[dict], metrics: Optional[dict]) -> "RunRecord":
@@ -80,6 +81,8 @@ class RunRecord:
             wall_time_s=info.get("wall_time_s"),
             class_counts=metrics.get("class_counts") or info.get("class_counts"),
             pretrained_backbone=model.get("pretrained_backbone", model.get("pretrained")),
+            unreadable={split: len(rows) for split, rows in (info.get("unreadable_images") or {}).items()
+                        if rows} or None,
         )
 
 
@@ -92,6 +95,15 @@ def _describe_loss(loss: dict) -> Optional[str]:
               if isinstance(loss.get(key), (int, float))]
     departures = loss_departures(loss)
     return ", ".join(parts) + ("; not in the paper: " + "; ".join(departures) if departures else "")
+
+
+def _unreadable_text(unreadable: Optional[Dict[str, int]]) -> Optional[str]:
+    """How many images of each split were left out as unreadable (``data.skip_unreadable``), or None."""
+    if not unreadable:
+        return None
+    parts = [f"{n} unreadable {'training' if split == 'train' else split} image(s)" for split, n in unreadable.items()]
+    return (", ".join(parts) + " were left out (truncated, empty or not an image; `data.skip_unreadable`); "
+            "run_info.json lists them")
 
 
 def _first(*values: Any) -> Any:
@@ -291,7 +303,7 @@ def _run_context(run: RunRecord, metrics: Optional[dict], model: Dict[str, Any])
         selection_note=selection_note, dataset=run.dataset, dataset_hub_id=_dataset_id(run.dataset),
         imbalance_factor=_imbalance_text(run.imbalance_factor), classes=_class_summary(model["class_counts"]),
         epochs=run.epochs, best_epoch=run.best_epoch, wall_time=_duration(run.wall_time_s), loss=run.loss,
-        loss_details=run.loss_details,
+        loss_details=run.loss_details, unreadable=_unreadable_text(run.unreadable),
         command=run.command, short_schedule=short_schedule, groups=(metrics or {}).get("groups"),
         results=_results(metrics, variant, model["expert_index"], selected, selection_known=selection_note is not None),
         prior_shift=_prior_shift_table(metrics, this, "this model" if variant == "expert" else "selected"),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union
 
 from .. import files
+from ..config import ConfigError
 from ..models import NCLModel
 from .card import render_model_card
 from .export import export_timm, resolve_expert_index, save_pretrained
@@ -70,13 +71,16 @@ def publish(
         ``{"dry_run", "format", "ensemble": {"repo_id", "folder", "url", "commit"}, "expert": {...}}``.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown format {format!r}; choose one of {FORMATS}")
     if not HUB_ID.match(repo_id):
-        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+        raise ConfigError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
     output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ConfigError(f"{output_dir} is not a training output folder (no such folder): give the output_dir of a "
+                          "finished training run")
     resolved_token = None if dry_run else _resolve_token(token)
     if not dry_run and not resolved_token:
-        raise ValueError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login`")
+        raise ConfigError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login`")
     # redact every token this process could hold, also in dry runs (a token pasted into the training command)
     secrets = [s for s in (token, resolved_token, os.environ.get("HF_TOKEN"),
                            os.environ.get("HUGGING_FACE_HUB_TOKEN")) if s]
@@ -130,8 +134,8 @@ def _lazy_model(output_dir: Path) -> Callable[[], NCLModel]:
             export = output_dir / "export" / "ensemble"
             source = export if is_export(export) else output_dir / "best"
             if not is_export(source):
-                raise FileNotFoundError(f"no model in {output_dir}: expected export/ensemble/ or best/ with "
-                                        f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+                raise ConfigError(f"no model in {output_dir}: expected export/ensemble/ or best/ with {CONFIG_NAME} "
+                                  f"and {WEIGHTS_NAME} (is it the output folder of a finished training run?)")
             cache["model"] = load_model(source).train(False)
         return cache["model"]
 

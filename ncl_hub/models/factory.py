@@ -19,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 
 from .. import files
+from ..errors import UserError
 from ..config import MocoConfig
 from .ncl import NCLModel, classifier_names
 from .normalization import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
@@ -34,7 +35,7 @@ INPUT_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_si
                "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "test_pool_size")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be fetched (no network, or not published yet)."""
 
 
@@ -108,7 +109,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's trunks do not fit the model (another backbone, expert count or width)."""
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import files
+from ..errors import UserError
 from ..config import ConfigError
 from ..models import NCLModel
 
@@ -29,7 +30,7 @@ COMPILE_SCOPES = ("trunks", "step")
 LOSS_TERMS = ("loss", "nil_all", "nil_hard", "nbod_all", "nbod_hard", "ce", "con")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
 
 
@@ -158,9 +159,8 @@ def check_finite(window: torch.Tensor, global_step: int, n: int) -> None:
         bad = [f"{k}={v}" for k, v in zip(LOSS_TERMS, row.tolist()) if not math.isfinite(v)]
         if bad:
             raise NonFiniteLossError(
-                f"non-finite loss at optimizer step {step}: {', '.join(bad)}. "
-                "The run stopped; the last good checkpoint is kept. Lower the learning rate, check the data, "
-                "or try --mixed_precision no.")
+                f"non-finite loss at optimizer step {step}: {', '.join(bad)}. The run stopped: lower the "
+                "learning rate, check the data, or try --mixed_precision no.")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -25,14 +25,15 @@ import torch
 from .. import files, hub
 from ..config import ConfigError, RunConfig, check_config, config_to_dict, flat_config, save_config
 from ..data import DataBundle, build_data, build_eval_loader, build_train_loader
+from ..data.checks import describe_row
 from ..data.tensor import build_tensor_loaders, check_tensor_pipeline
 from ..evaluate import evaluate_predictions, format_summary, predict, record_absent_classes, split_metrics, write_report
 from ..models import NCLModel
 from ..version import __version__
 from .build import build_criterion, build_model, build_optimizer, build_scheduler, describe_schedule
 from .engine import (
-    LOSS_TERMS, ModelWithLoss, Progress, StepRunner, check_finite, find_checkpoint, load_checkpoint,
-    reset_accelerator_state, save_checkpoint, unwrap,
+    LOSS_TERMS, ModelWithLoss, NonFiniteLossError, Progress, StepRunner, check_finite, find_checkpoint,
+    load_checkpoint, reset_accelerator_state, save_checkpoint, unwrap,
 )
 
 __all__ = ["train", "code_version"]
@@ -75,12 +76,22 @@ def train(cfg: RunConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         run = _set_up(cfg)
         for epoch in range(run.progress.epoch, cfg.epochs):
-            record = _train_one_epoch(run, epoch)
+            try:
+                record = _train_one_epoch(run, epoch)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e} {_last_checkpoint(run.output_dir)}") from e
             _validate_and_select(run, epoch, record)
             _end_epoch(run, epoch, record)
         return _finish(run, argv)
     finally:
         reset_accelerator_state()
+
+
+def _last_checkpoint(output_dir: Path) -> str:
+    found = find_checkpoint(output_dir, "latest")
+    if found is None:
+        return "No checkpoint had been saved yet."
+    return f"The last good checkpoint is kept: {found} (continue from it with --resume and a lower rate)."
 
 
 # ---------------------------------------------------------------------------------------------- set up
@@ -141,7 +152,7 @@ def _prepare(cfg: RunConfig, accelerator, output_dir: Path, data: DataBundle, mo
     else:
         train_loader = build_train_loader(cfg, data, model, micro_batch)
         train_set, sampler = train_loader.dataset, train_loader.sampler
-        eval_loaders = {name: build_eval_loader(cfg, ds, model.pretrained_cfg)
+        eval_loaders = {name: build_eval_loader(cfg, ds, model.pretrained_cfg, split=name)
                         for name, ds in (("val", data.val), ("test", data.test)) if ds is not None}
         step_module, optimizer, train_loader = accelerator.prepare(ModelWithLoss(model, criterion), optimizer,
                                                                    train_loader)
@@ -299,8 +310,9 @@ def _validate_and_select(run: _Run, epoch: int, record: Dict[str, Any]) -> None:
     skipped = run.train_set.skipped
     if skipped:
         record["skipped_images"] = len(skipped)
-        run.accelerator.print(f"warning: {len(skipped)} training image(s) could not be decoded and were skipped "
-                              f"(data.on_decode_error=skip); first indices {skipped[:10]}")
+        where = "; ".join(describe_row(run.data.train, "train", i) for i in skipped[:10])
+        run.accelerator.print(f"warning: {len(skipped)} training image(s) turned unreadable after the check and were "
+                              f"skipped (another image took their place): {where}")
     if "val" not in run.eval_loaders:
         progress.best_epoch, progress.selected_expert = epoch + 1, 0
         _save_best(run)
@@ -390,6 +402,7 @@ def _run_info(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
         "wall_time_s": round(time.time() - run.t_start, 1), "num_processes": run.accelerator.num_processes,
         "commit": code_version(), "history": progress.history,
         "skipped_train_images": run.train_set.skipped,
+        "unreadable_images": data.unreadable,
     }
 
 

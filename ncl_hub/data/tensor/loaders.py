@@ -147,7 +147,7 @@ def build_tensor_loaders(cfg: RunConfig, data: DataBundle, model, micro_batch: i
             continue
         t = time.time()
         split = decode_split(ds, fit_transform("train" if name == "train" else "eval", pcfg), cache_dir, name=name,
-                             num_workers=dc.num_workers, on_decode_error=dc.on_decode_error)
+                             num_workers=dc.num_workers, on_decode_error="skip")
         decoded[name] = split
         log(f"data: {name} {'decoded' if split.built else 'read'} as uint8 {tuple(split.images.shape)} "
             f"({split.images.numel() / 2**20:.0f} MiB) in {time.time() - t:.1f}s: {split.path}")
