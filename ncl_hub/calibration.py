@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .priors import check_labelled_logits, check_prior
+from .priors import check_labelled_logits, check_prior, select_shrinkage
 
-__all__ = ["Calibration", "fit_bcts", "nll", "expected_calibration_error"]
+__all__ = ["Calibration", "fit_bcts", "fit_model_calibration", "nll", "expected_calibration_error"]
 
 _FIELDS = ("temperature", "bias", "fitted_on", "nll_before", "nll_after")
 
@@ -243,3 +243,30 @@ def expected_calibration_error(logits: torch.Tensor, labels: Union[torch.Tensor,
     bins = torch.bucketize(conf, edges[1:-1], right=False)  # (lo, hi]
     per_bin = torch.zeros(num_bins, dtype=torch.float64, device=z.device).index_add_(0, bins, gap)
     return per_bin.abs().sum().item() / y.numel()
+
+
+def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], *,
+                          class_counts: Optional[Sequence[float]] = None, split: str = "val") -> Dict[str, Any]:
+    """Calibrate a multi-expert model on a labelled split: BCTS for its ensemble (the mean of the experts' logits)
+    and for each expert, and the prior-estimation shrinkage chosen on the same split
+    (:func:`ncl_hub.priors.select_shrinkage`, on the calibrated ensemble, test priors over the training order).
+
+    Args:
+        expert_logits: raw logits [K, N, C] of the split (no class prior added).
+        labels: [N].
+        class_counts: training images per class [C] (the long-tail order of the simulated test priors).
+        split: the split's name, recorded.
+
+    Returns:
+        a JSON-able dict: ``{"fit_split", "num_samples", "ensemble": Calibration.to_dict(), "experts": [K of
+        them], "prior_shrinkage": a, "shrinkage_l1": {a: mean L1 error}}`` (``NCLModel.set_calibration`` takes it).
+    """
+    if expert_logits.ndim != 3:
+        raise ValueError(f"expert_logits must be [K, N, C], got shape {tuple(expert_logits.shape)}")
+    logits = expert_logits.detach().double()
+    ensemble = fit_bcts(logits.mean(0), labels)
+    experts = [fit_bcts(z, labels) for z in logits]
+    shrinkage, table = select_shrinkage(ensemble.apply(logits.mean(0)), labels, class_order_counts=class_counts)
+    return {"fit_split": split, "num_samples": int(logits.shape[1]), "ensemble": ensemble.to_dict(),
+            "experts": [e.to_dict() for e in experts], "prior_shrinkage": shrinkage,
+            "shrinkage_l1": {f"{a:g}": round(err, 6) for a, err in table.items()}}

@@ -108,12 +108,16 @@ def _cli_pairs(argv: Sequence[str], known: Dict[str, Any], *, positional: Sequen
                bare: Mapping[str, str] = _NO_RENAMES, renamed: Mapping[str, str] = _NO_RENAMES) -> Dict[str, Any]:
     """``--key value`` / ``--key=value`` / bare flags -> {dotted path: text}; ``config`` is kept as it is. A list
     option given several times (or one value at a time) collects its values. Leading bare arguments fill
-    ``positional`` in order. ``bare``: what an option given without a value means (bools: true)."""
+    ``positional`` in order (a list positional takes every bare argument up to the first option). ``bare``: what
+    an option given without a value means (bools: true)."""
     pairs: Dict[str, Any] = {}
     argv, i = list(argv), 0
     for name in positional:
-        if i < len(argv) and not argv[i].startswith("--"):
-            pairs[name], i = argv[i], i + 1
+        while i < len(argv) and not argv[i].startswith("--"):
+            if not _is_list(known.get(name)):
+                pairs[name], i = argv[i], i + 1
+                break
+            pairs[name], i = [*pairs.get(name, []), argv[i]], i + 1
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,7 +49,7 @@ __all__ = [
 TEST_IMBALANCES = (50.0, 25.0, 10.0, 5.0, 2.0, 1.0, 1 / 2, 1 / 5, 1 / 10, 1 / 25, 1 / 50)
 PRIOR_NAMES = ("train", "uniform")
 
-PriorSpec = Union[None, str, Sequence[float], torch.Tensor]
+PriorSpec = Union[None, str, os.PathLike, Sequence[float], torch.Tensor, Mapping[str, Any]]
 
 
 def check_prior(prior: Union[Sequence[float], torch.Tensor], num_classes: int, what: str = "class_prior"
@@ -96,20 +96,22 @@ def check_prior_strength(strength: float) -> float:
     return float(strength)
 
 
-def resolve_prior(prior: PriorSpec, num_classes: int, class_counts: Optional[Sequence[float]] = None
-                  ) -> Optional[torch.Tensor]:
+def resolve_prior(prior: PriorSpec, num_classes: int, class_counts: Optional[Sequence[float]] = None, *,
+                  class_names: Optional[Sequence[str]] = None) -> Optional[torch.Tensor]:
     """A prior specification as a normalised prior [C] (float64), or None for the balanced model.
 
     Args:
         prior: None (balanced), ``"uniform"`` (the same: a uniform prior shifts every logit by one constant, so
             it changes no prediction and no probability), ``"train"`` (the training class frequencies,
-            ``class_counts``) or C non-negative numbers.
+            ``class_counts``), C non-negative numbers, a mapping with them under ``"prior"`` (and optionally their
+            ``"class_names"``), or the path of a file of them (:func:`load_prior_file`).
         num_classes: C.
         class_counts: training images per class [C], needed for ``"train"``.
+        class_names: the model's C class names: a prior that names its classes must name the same, in order.
     """
     if prior is None:
         return None
-    if isinstance(prior, str):
+    if isinstance(prior, (str, os.PathLike)):
         if prior == "uniform":
             return None
         if prior == "train":
@@ -117,8 +119,27 @@ def resolve_prior(prior: PriorSpec, num_classes: int, class_counts: Optional[Seq
                 raise ValueError("class_prior='train' needs the training class counts, and none are known: pass "
                                  "class_counts=[...] (an export made by ncl_hub stores them in config.json)")
             return check_prior(class_counts, num_classes, "class_counts (for class_prior='train')")
-        raise ValueError(f"unknown class_prior {prior!r}; choose one of {PRIOR_NAMES}, None, or {num_classes} numbers")
+        if not os.path.isfile(prior):
+            raise ValueError(f"unknown class_prior {str(prior)!r}; choose one of {PRIOR_NAMES}, None, "
+                             f"{num_classes} numbers, or a file of them")
+        prior = load_prior_file(prior, class_names=class_names)
+    if isinstance(prior, Mapping):
+        prior = _prior_of_mapping(prior, class_names)
     return check_prior(prior, num_classes)
+
+
+def _prior_of_mapping(record: Mapping[str, Any], class_names: Optional[Sequence[str]], where: str = "class prior"
+                      ) -> List[float]:
+    """The ``"prior"`` numbers of a prior record (as ``recipes/predict.py --class-prior estimate`` writes it),
+    checked against the model's class names when the record names its classes."""
+    if "prior" not in record:
+        raise ValueError(f"{where} is a mapping without a 'prior' list (keys: {sorted(record)[:8]})")
+    names = record.get("class_names")
+    if names is not None and class_names is not None and [str(n) for n in names] != [str(n) for n in class_names]:
+        raise ValueError(f"{where} is for the classes {list(names)[:5]}..., the model's are "
+                         f"{list(class_names)[:5]}...: a prior is only valid for the classes, in the order, it was "
+                         "made for")
+    return record["prior"]
 
 
 def logit_adjustment(prior: Optional[torch.Tensor], strength: float) -> Optional[torch.Tensor]:
@@ -184,9 +205,11 @@ def describe_prior(class_prior: Union[None, str, Sequence[float]], strength: Opt
     return text + (f", {zeros} class(es) at 0: never predicted" if zeros else "") + f"{tau})"
 
 
-def load_prior_file(path: Union[str, os.PathLike]) -> List[float]:
-    """Read a class prior from a file: a JSON list of C numbers, or text with C numbers separated by spaces,
-    commas or new lines (``#`` starts a comment). Raises ValueError naming the file when it holds anything else."""
+def load_prior_file(path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None) -> List[float]:
+    """Read a class prior from a file: a JSON list of C numbers, a JSON object with them under ``"prior"`` (what
+    ``recipes/predict.py --class-prior estimate`` writes; its ``"class_names"``, when present, must be
+    ``class_names``), or text with C numbers separated by spaces, commas or new lines (``#`` starts a comment).
+    Raises ValueError naming the file when it holds anything else."""
     import json
     import re
     from pathlib import Path
@@ -196,11 +219,13 @@ def load_prior_file(path: Union[str, os.PathLike]) -> List[float]:
         raise ValueError(f"class prior file {str(path)!r} does not exist (expected 'train', 'uniform' or a file)")
     text = path.read_text(encoding="utf-8")
     stripped = text.strip()
-    if stripped.startswith("["):
+    if stripped.startswith(("[", "{")):
         try:
             values = json.loads(stripped)
         except json.JSONDecodeError as e:
-            raise ValueError(f"class prior file {str(path)!r} is not a valid JSON list: {e}") from e
+            raise ValueError(f"class prior file {str(path)!r} is not valid JSON: {e}") from e
+        if isinstance(values, dict):
+            values = _prior_of_mapping(values, class_names, f"class prior file {str(path)!r}")
     else:
         tokens = [t for line in text.splitlines() for t in re.split(r"[\s,]+", line.split("#", 1)[0]) if t]
         try:

@@ -7,6 +7,7 @@ ensemble and of every expert, calibration, expert disagreement, accuracy under s
     python recipes/evaluate.py outputs/digits_demo/export/expert --split val --split test
     python recipes/evaluate.py EXPORT --data.dataset ../shared/data/cifar10 --out eval_cifar10
     python recipes/evaluate.py outputs/digits_demo --class-prior train  # deployed where classes follow training
+    python recipes/evaluate.py RUN --split val --split test --calibrate-on val  # (re)fit the calibration first
 
 Any training key (--data.dataset, --data.limit_eval, ...) overrides the run's saved configuration.
 All logic lives in ncl_hub.apps.evaluate.
@@ -25,7 +26,8 @@ def _run(args):
     opts, overrides = parse_options(EvaluateOptions, args or ["--help"], positional=["path"],
                                     description=f"{__doc__}\n{DEBUG_HELP}", overrides_of=RunConfig)
     return evaluate_run(opts.path, splits=opts.split, out_dir=opts.out, overrides=overrides,
-                        batch_size=opts.batch_size, class_prior=opts.class_prior, prior_strength=opts.prior_strength)
+                        batch_size=opts.batch_size, class_prior=opts.class_prior, prior_strength=opts.prior_strength,
+                        calibrate_on=opts.calibrate_on)
 
 
 def main(argv=None):

@@ -95,8 +95,9 @@ def test_weighted_accuracy_equals_accuracy_on_a_resampled_test_set(counts, label
     tau = 0.7
     imbalances = list(integer_weights)
     m = split_metrics(logits, labels, counts, test_imbalances=imbalances, class_prior=deployed, prior_strength=tau)
-    records = {(r["test_imbalance"], r["model"], r["adjusted"]): r["top1"] for r in m["prior_shift"]}
-    assert len(m["prior_shift"]) == len(imbalances) * 3 * 2
+    exact = [r for r in m["prior_shift"] if r["prior"] in ("raw", "oracle")]
+    records = {(r["test_imbalance"], r["model"], r["adjusted"]): r["top1"] for r in exact}
+    assert len(exact) == len(imbalances) * 3 * 2
     as_deployed = None if deployed is None else tau * (torch.tensor(counts, dtype=torch.float64) / sum(counts)).log()
     names = ["ensemble", "expert 0", "expert 1"]
     for r, weights in integer_weights.items():
@@ -124,12 +125,12 @@ def test_deployed_prior_equals_shifting_the_logits():
         assert a["ensemble"][key] == pytest.approx(b["ensemble"][key], rel=1e-6)
         assert a["experts"][2][key] == pytest.approx(b["experts"][2][key], rel=1e-6)
     for ra, rb in zip(a["prior_shift"], b["prior_shift"]):
-        if not ra["adjusted"]:
+        if ra["prior"] == "raw":
             assert ra["top1"] == pytest.approx(rb["top1"], rel=1e-9)
     # the adjusted records use the test prior instead: the same as without any deployed prior
     plain = evaluate_predictions({"test": (logits, labels)}, COUNTS, prior_strength=tau)["splits"]["test"]
-    assert [r["top1"] for r in a["prior_shift"] if r["adjusted"]] == pytest.approx(
-        [r["top1"] for r in plain["prior_shift"] if r["adjusted"]], rel=1e-12)
+    assert [r["top1"] for r in a["prior_shift"] if r["prior"] == "oracle"] == pytest.approx(
+        [r["top1"] for r in plain["prior_shift"] if r["prior"] == "oracle"], rel=1e-12)
     assert deployed["class_prior"] == "train" and deployed["prior_strength"] == tau
     assert deployed["test_imbalances"] == pytest.approx(list(TEST_IMBALANCES))
     custom = evaluate_predictions({"test": (logits, labels)}, COUNTS, class_prior=[2] * C)
@@ -391,7 +392,7 @@ def test_training_prior_helps_on_a_forward_long_tail_and_hurts_on_a_backward_one
 
 def _records(split, model, adjusted=False):
     return {r["test_imbalance"]: r["top1"] for r in split["prior_shift"]
-            if r["model"] == model and r["adjusted"] == adjusted}
+            if r["model"] == model and r["prior"] == ("oracle" if adjusted else "raw")}
 
 
 # ---------------------------------------------------------------------------------------------- the recipes
@@ -414,7 +415,8 @@ def test_training_writes_the_prior_shift_and_evaluate_deploys_the_training_prior
     assert "shifted test priors" in (run / "eval" / "summary.md").read_text()
     assert "### Shifted test priors (test split)" in (run / "export" / "ensemble" / "README.md").read_text()
     balanced = balanced_metrics["splits"]["test"]
-    assert balanced_metrics["class_prior"] is None and len(balanced["prior_shift"]) == 11 * 4 * 2
+    assert balanced_metrics["class_prior"] is None
+    assert sorted(sum(r["prior"] == kind for r in balanced["prior_shift"]) for kind in ("raw", "oracle")) == [44, 44]
     assert json.loads((run / "eval" / "metrics.json").read_text())["splits"]["test"]["prior_shift"] == \
         balanced["prior_shift"]
     metrics = evaluate_recipe.main([str(run), "--class-prior", "train", "--out", str(tmp_path / "eval")])

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from accelerate import Accelerator
 
 from .. import files, hub
+from ..calibration import fit_model_calibration
 from ..cli import read_yaml
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from ..data import build_data, build_eval_loader
@@ -40,11 +41,14 @@ class EvaluateOptions:
     logits + tau * log(prior); default: the prior saved with the model, if any"""
     prior_strength: Optional[float] = None
     """tau of the class prior (default: the model's, else 1)"""
+    calibrate_on: Optional[str] = None
+    """a labelled split (e.g. val) to fit the calibration on before evaluating, replacing the model's own;
+    default: the calibration saved with the model, if any"""
 
 
 def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, overrides: Optional[Dict[str, Any]] = None,
                  batch_size: Optional[int] = None, class_prior: Optional[str] = None,
-                 prior_strength: Optional[float] = None) -> Dict[str, Any]:
+                 prior_strength: Optional[float] = None, calibrate_on: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate a training output folder (its best/ model) or an export folder on any split.
 
     The data are rebuilt from the run's saved configuration (the same seeded long-tailed split and
@@ -55,6 +59,9 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     ``"uniform"`` or a file of C numbers (``priors.load_prior_file``); None keeps the one saved with the model (if
     any). ``prior_strength``: its tau (None: the model's). The model runs once, without prior: the metrics add the
     prior to the stored logits, and so do the prior-shift numbers for each test prior.
+
+    ``calibrate_on``: a labelled split to fit the calibration (BCTS) and the prior-estimation shrinkage on first,
+    in place of the model's own; the calibrated and estimated-prior numbers then use it.
     """
     path = Path(path)
     cfg, model_dir = _saved_run(path)
@@ -63,7 +70,7 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     counts = _read_run_json(model_dir / "config.json").get("ncl", {}).get("class_counts")
     model = _load_for_evaluation(model_dir)
     splits = list(splits or ["test"])
-    data = build_data(cfg, check=splits)  # every image of the evaluated splits checked first
+    data = build_data(cfg, check=splits + ([calibrate_on] if calibrate_on else []))  # their images checked first
     prior, strength = _evaluation_prior(model, class_prior, prior_strength, counts or data.class_counts)
     model.set_class_prior(None)  # raw logits; evaluate_predictions adds the prior
     run_info = path / "run_info.json"
@@ -73,14 +80,18 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     model.to(accelerator.device)
     available = {"train": data.train, "val": data.val, "test": data.test}
     predictions = {}
-    for name in splits:
+    for name in dict.fromkeys(splits + ([calibrate_on] if calibrate_on else [])):
         if available.get(name) is None:
             have = [k for k, v in available.items() if v is not None]
             raise ConfigError(f"split {name!r} is not available; have {have}")
         loader = build_eval_loader(cfg, available[name], model.pretrained_cfg, batch_size or 0, split=name)
         predictions[name] = predict(model, accelerator.prepare(loader), accelerator)
+    if calibrate_on:
+        model.set_calibration(fit_model_calibration(*predictions[calibrate_on], split=calibrate_on,
+                                                    class_counts=counts or data.class_counts))
+    predictions = {name: predictions[name] for name in splits}
     metrics = evaluate_predictions(predictions, counts or data.class_counts, selected_expert=selected,
-                                   class_prior=prior, prior_strength=strength)
+                                   class_prior=prior, prior_strength=strength, calibration=model.calibration)
     for line in record_absent_classes(metrics, available, data.class_names):
         accelerator.print(line)
     out = Path(out_dir) if out_dir else path / f"eval_{'_'.join(splits)}"

@@ -12,7 +12,16 @@ from ..data import classes_without_images, name_list
 from ..priors import describe_prior, format_imbalance
 from .metrics import GROUPS
 
-__all__ = ["format_prior_shift", "format_summary", "load_metrics", "write_report"]
+__all__ = ["format_calibration", "format_prior_shift", "format_summary", "load_metrics", "prior_kind",
+           "write_report"]
+
+PRIOR_ROWS = (("raw", ""), ("oracle", ", adjusted"), ("estimated", ", estimated prior"))
+
+
+def prior_kind(record: Dict[str, Any]) -> str:
+    """``raw``, ``oracle`` or ``estimated``: how a ``prior_shift`` record predicts (records written before the
+    estimated rows have only ``adjusted``)."""
+    return record.get("prior") or ("oracle" if record.get("adjusted") else "raw")
 
 
 def format_summary(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
@@ -68,6 +77,9 @@ def format_summary(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         hn = split["hardest_negative_prob"]
         lines.append(f"Hardest negative probability of the ensemble: mean {hn['mean']:.4f}, "
                      f"median {hn['median']:.4f}.")
+        calibration = format_calibration(split, name, selected)
+        if calibration:
+            lines += ["", f"### {name}: calibration", "", calibration.rstrip("\n")]
         expert = selected if selected is not None else split["best_expert"]
         table = format_prior_shift(split, expert, metrics.get("prior_strength", 1.0), deployed=deployed is not None,
                                    expert_note="selected" if selected is not None else "best here, informational")
@@ -95,16 +107,25 @@ def format_prior_shift(split: Dict[str, Any], expert: Optional[int] = None, prio
     if not records:
         return ""
     imbalances = list(dict.fromkeys(r["test_imbalance"] for r in records))
-    top1 = {(r["model"], r["adjusted"], r["test_imbalance"]): r["top1"] for r in records}
+    by_key = {(r["model"], prior_kind(r), r["test_imbalance"]): r for r in records}
     models = ["ensemble"] + ([f"expert {expert}"] if expert is not None else [])
     as_is = "as deployed (with its class prior)" if deployed else "raw logits"
+    calibrated = " (calibrated first: z / T + b)" if split.get("calibration") else ""
     lines = [
         f"Top-1 accuracy (%) when the test images follow a long-tailed class prior of test imbalance r over the "
         f"training order (r > 1: the head classes are r times as frequent as the tail; r < 1: the tail is the "
         f"head; 1: uniform), computed exactly by weighting per-class accuracies with the prior. Rows without "
-        f"'adjusted' predict with the {as_is}; 'adjusted' rows with logits + tau log(pi) (tau = {prior_strength:g}), "
-        f"the test prior pi known (logit adjustment).",
+        f"'adjusted' predict with the {as_is}; 'adjusted' rows with logits{calibrated} + tau log(pi) "
+        f"(tau = {prior_strength:g}), the test prior pi known (logit adjustment).",
     ]
+    estimated = [r for r in records if prior_kind(r) == "estimated"]
+    if estimated:
+        e = estimated[0]
+        lines[0] += (f" 'estimated prior' rows do not know it: for each r, {e['draws']} subsets of the split that "
+                     f"follow it are drawn (as large as the split allows); the prior is estimated by EM from one half "
+                     f"of each without labels (shrinkage {e.get('shrinkage', 0):g}) and the other half is scored with "
+                     f"logits{calibrated} + tau log(estimate): the mean over the subsets (its spread, the L1 error of "
+                     f"the estimate and the raw and oracle accuracy of the same halves are in metrics.json).")
     num_classes = len(split["per_class_accuracy"]["ensemble"])
     absent = sum(a is None for a in split["per_class_accuracy"]["ensemble"])
     if absent:
@@ -113,13 +134,36 @@ def format_prior_shift(split: Dict[str, Any], expert: Optional[int] = None, prio
     lines += ["", "| model | " + " | ".join(format_imbalance(r) for r in imbalances) + " |",
               "|---|" + "---:|" * len(imbalances)]
     for model in models:
-        for adjusted in (False, True):
-            if (model, adjusted, imbalances[0]) not in top1:
+        for kind, suffix in PRIOR_ROWS:
+            if not any((model, kind, r) in by_key for r in imbalances):
                 continue
-            label = model + (f" ({expert_note})" if expert_note and model != "ensemble" else "")
-            label += ", adjusted" if adjusted else ""
-            lines.append(f"| {label} | " + " | ".join(_fmt(top1[(model, adjusted, r)], 2) for r in imbalances)
-                         + " |")
+            label = model + (f" ({expert_note})" if expert_note and model != "ensemble" else "") + suffix
+            cells = [_fmt(by_key[(model, kind, r)]["top1"], 2) if (model, kind, r) in by_key else "n/a"
+                     for r in imbalances]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for model in models if estimated else ():
+        cells = [_fmt(by_key[(model, "estimated", r)]["prior_l1"], 3) if (model, "estimated", r) in by_key else "n/a"
+                 for r in imbalances]
+        lines.append(f"| {model}: L1 error of the estimated prior | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_calibration(split: Dict[str, Any], name: str, selected: Optional[int] = None) -> str:
+    """A markdown table of a split's ``calibration`` record: NLL (nats) and ECE (%) of every model before and
+    after its calibration map, and where the maps were fitted. "" when the split has none."""
+    record = split.get("calibration")
+    if not record:
+        return ""
+    fit = record.get("fit_split")
+    where = (f"fitted on the {fit} split ({record.get('fitted_on')} images)" if fit else "fitted earlier")
+    note = " This is that split: the numbers after are in-sample." if fit == name else ""
+    lines = [f"Bias-corrected temperature scaling (BCTS: logits / T + b) {where}.{note}", "",
+             "| model | T | NLL | NLL calibrated | ECE | ECE calibrated |", "|---|---:|---:|---:|---:|---:|"]
+    rows = [("ensemble", record["ensemble"])] + [
+        (f"expert {k}" + (" (selected)" if k == selected else ""), row) for k, row in enumerate(record["experts"])]
+    for label, row in rows:
+        lines.append(f"| {label} | {_fmt(row['temperature'], 3)} | {_fmt(row['nll'], 4)} | "
+                     f"{_fmt(row['nll_calibrated'], 4)} | {_fmt(row['ece'], 2)} | {_fmt(row['ece_calibrated'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,15 +317,16 @@ def _plot_prior_shift(fig: Any, metrics: Dict[str, Any], split_name: str, split:
     records = split["prior_shift"]
     imbalances = list(dict.fromkeys(r["test_imbalance"] for r in records))
     expert, expert_label = _single_expert(metrics, split_name, split)
-    top1 = {(r["model"], r["adjusted"], r["test_imbalance"]): r["top1"] for r in records}
+    top1 = {(r["model"], prior_kind(r), r["test_imbalance"]): r["top1"] for r in records}
+    styles = {"raw": ("--", ", with its class prior" if metrics.get("class_prior") is not None else ""),
+              "oracle": ("-", ", adjusted to the test prior (known)"), "estimated": (":", ", prior estimated")}
     ax = fig.add_subplot(1, 1, 1)
     for model, label, color in (("ensemble", "ensemble", "tab:blue"), (f"expert {expert}", expert_label, "tab:orange")):
-        for adjusted in (False, True):
-            if (model, adjusted, imbalances[0]) in top1:
-                suffix = ", adjusted to the test prior" if adjusted else (
-                    ", with its class prior" if metrics.get("class_prior") is not None else "")
-                ax.plot(imbalances, [top1[(model, adjusted, r)] for r in imbalances], "-" if adjusted else "--",
-                        marker="o", ms=3, color=color, label=label + suffix)
+        for kind, (style, suffix) in styles.items():
+            xs = [r for r in imbalances if (model, kind, r) in top1]
+            if xs:
+                ax.plot(xs, [top1[(model, kind, r)] for r in xs], style, marker="o", ms=3, color=color,
+                        label=label + suffix)
     ax.set_xscale("log")
     ax.set_xticks(imbalances)
     ax.set_xticklabels([format_imbalance(r) for r in imbalances])

@@ -286,7 +286,22 @@ def _exported_model(hub_config: Dict[str, Any], run: RunRecord) -> Dict[str, Any
         mean=pretrained_cfg.get("mean"), std=pretrained_cfg.get("std"),
         class_counts=ncl.get("class_counts") or run.class_counts,
         class_prior=describe_prior(ncl.get("class_prior"), ncl.get("prior_strength")),
+        prior_estimate=args.get("prior_estimate"), calibration=_calibration_text(args.get("calibration")),
     )
+
+
+def _calibration_text(calibration: Optional[dict]) -> Optional[str]:
+    """The model's calibration maps in words, or None."""
+    if not calibration or not isinstance(calibration.get("ensemble"), dict):
+        return None
+    ens = calibration["ensemble"]
+    fit = calibration.get("fit_split")
+    where = f"on the {fit} split ({calibration.get('num_samples')} images)" if fit else "on labelled data"
+    return (f"bias-corrected temperature scaling (logits / T + b) fitted {where}: T = {ens['temperature']:.3f}, NLL "
+            f"there {_fmt(ens.get('nll_before'), 4)} -> {_fmt(ens.get('nll_after'), 4)}; `model.predict_proba(x)` "
+            f"gives the calibrated probabilities, `model.fit_class_prior(images)` estimates the class prior of "
+            f"unlabelled images from them (shrinkage {calibration.get('prior_shrinkage', 0):g}, chosen on "
+            f"{fit or 'that split'})")
 
 
 def _run_context(run: RunRecord, metrics: Optional[dict], model: Dict[str, Any]) -> Dict[str, Any]:

@@ -221,7 +221,7 @@ def _load_error_summary(error: Exception, shown: int = 2) -> str:
     return "; ".join(details[:shown]) + more
 
 
-_CLASS_INFO_ARGS = ("class_counts", "class_prior", "prior_strength")
+_CLASS_INFO_ARGS = ("class_counts", "class_prior", "prior_strength", "prior_estimate", "calibration")
 
 
 def _drop_saved_class_info(kwargs: Dict[str, Any]) -> None:

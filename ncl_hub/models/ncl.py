@@ -3,24 +3,26 @@
 An :class:`NCLModel` holds K independent timm trunks (built with ``num_classes=0``), one head per
 expert (linear or cosine), and optionally a MoCo-v2 branch per expert for training. Inference
 returns the mean of the experts' logits; ``forward_experts`` returns all of them, ``[K, B, C]``.
-An optional class prior (``set_class_prior``) adds ``tau * log(pi)`` to every inference output, never to the
-training forward (see :mod:`ncl_hub.priors`).
+How the model is deployed (a class prior added to every inference output, the calibration of its probabilities,
+a prior estimated from unlabelled images) is the :class:`~ncl_hub.models.deployment.Deployment` mixin; the
+training forward never sees any of it.
 """
 from __future__ import annotations
 
 import copy
 import re
 from dataclasses import asdict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
-from ..priors import PriorSpec, check_prior, logit_adjustment, resolve_prior
-from .batched import EXPERT_EXECUTION, run_stacked
 from ..config import MocoConfig
+from ..priors import PriorSpec
+from .batched import EXPERT_EXECUTION, run_stacked
+from .deployment import Deployment
 from .moco import MocoBranch
 
 __all__ = ["CosineClassifier", "NCLModel", "CLASSIFIERS", "classifier_names"]
@@ -64,7 +66,7 @@ def _make_head(classifier: str, in_features: int, num_classes: int, cosine_scale
     raise ValueError(f"unknown classifier {classifier!r}; choose one of {CLASSIFIERS}")
 
 
-class NCLModel(nn.Module):
+class NCLModel(Deployment, nn.Module):
     """K experts over a timm backbone, with the timm model interface.
 
     Args:
@@ -80,16 +82,16 @@ class NCLModel(nn.Module):
             store it).
         class_prior: the class prior of the deployment, see :meth:`set_class_prior`. None: balanced logits.
         prior_strength: tau of the prior adjustment.
+        calibration: BCTS maps of the ensemble and the experts (:meth:`set_calibration`), or None.
+        prior_estimate: how ``class_prior`` was estimated (:meth:`fit_class_prior`), or None.
         drop_rate: dropout before each head (timm's ``drop_rate`` of the trunk).
         **backbone_kwargs: passed to ``timm.create_model`` for each trunk.
 
     Shapes: ``forward_experts`` [K, B, C]; ``forward`` [B, C] (mean over experts);
     ``forward_head(pre_logits=True)`` [B, K * D] (the experts' pooled features, concatenated).
     With a class prior, ``forward``, ``forward_head`` and ``forward_experts`` return logits + ``tau * log(pi)``;
-    ``forward_train`` (the loss path) never does.
+    ``forward_train`` (the loss path) never does. :meth:`predict_proba` gives calibrated probabilities.
     """
-
-    logit_adjustment: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -104,6 +106,8 @@ class NCLModel(nn.Module):
         class_counts: Optional[Sequence[float]] = None,
         class_prior: PriorSpec = None,
         prior_strength: float = 1.0,
+        calibration: Optional[Dict[str, Any]] = None,
+        prior_estimate: Optional[Dict[str, Any]] = None,
         **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -135,65 +139,7 @@ class NCLModel(nn.Module):
         self.moco_cfg = moco_cfg
         self.backbone_kwargs = dict(backbone_kwargs)
         self.expert_execution = "sequential"
-        self.class_counts: Optional[List[Union[int, float]]] = None
-        self.class_prior: Union[None, str, List[float]] = None
-        self.prior_strength = 1.0
-        # tau * log(pi) [C], float; not in the state dict: config.json model_args rebuild it
-        self.register_buffer("logit_adjustment", None, persistent=False)
-        if class_counts is not None:
-            self.set_class_counts(class_counts)
-        self.set_class_prior(class_prior, prior_strength)
-
-    # ------------------------------------------------------------------ class prior
-    def set_class_counts(self, class_counts: Optional[Sequence[float]]) -> "NCLModel":
-        """Record the training images per class [C] (what ``class_prior="train"`` uses); None forgets them."""
-        if class_counts is None:
-            self.class_counts = None
-            return self
-        check_prior(class_counts, self.num_classes, "class_counts")
-        self.class_counts = [int(c) if float(c).is_integer() else float(c) for c in class_counts]
-        return self
-
-    def set_class_prior(self, prior: PriorSpec = None, strength: float = 1.0) -> "NCLModel":
-        """Adjust every inference output to a deployment class prior: logits + ``strength * log(pi)``.
-
-        Logit adjustment (Menon et al. 2021): NCL's logits estimate the balanced posterior, so for a test prior
-        pi the Bayes-optimal logits add ``log(pi)`` (``strength`` = 1). Applies to ``forward``, ``forward_head``,
-        ``forward_experts`` and every expert taken with :meth:`expert`; not to ``forward_train``.
-
-        Args:
-            prior: None (balanced, no adjustment), ``"uniform"`` (the same), ``"train"`` (the training class
-                frequencies, ``self.class_counts``), or C non-negative numbers, normalised here. A zero means the
-                class is never predicted (its logits become ``-inf``).
-            strength: tau >= 0; 0 turns the adjustment off.
-
-        Returns:
-            self.
-
-        Raises:
-            ValueError: a wrong length, a negative, non-finite or all-zero prior, a negative or non-finite
-                strength, ``"train"`` without known class counts, or a prior on a model without classifier.
-        """
-        if prior is not None and self.num_classes == 0:
-            raise ValueError("this model has no classifier (num_classes=0); it cannot take a class prior")
-        resolved = resolve_prior(prior, self.num_classes, self.class_counts)
-        adjustment = logit_adjustment(resolved, strength)  # validates strength
-        self.prior_strength = float(strength)
-        if resolved is None:
-            self.class_prior = None
-        else:
-            self.class_prior = "train" if isinstance(prior, str) else resolved.tolist()
-        if adjustment is not None:
-            param = next(self.parameters(), None)
-            adjustment = adjustment.to(device=param.device if param is not None else None, dtype=torch.float32)
-        self.logit_adjustment = adjustment
-        return self
-
-    def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., C] logits plus the prior adjustment (unchanged without a prior)."""
-        if self.logit_adjustment is None:
-            return logits
-        return logits + self.logit_adjustment.to(logits.dtype)
+        self._init_deployment(class_counts, class_prior, prior_strength, calibration, prior_estimate)
 
     def set_expert_execution(self, mode: str) -> "NCLModel":
         """``"sequential"`` (default): the experts run one after the other. ``"batched"``: the K trunks, heads,
@@ -216,11 +162,7 @@ class NCLModel(nn.Module):
             classifier=self.classifier, cosine_scale=self.cosine_scale, in_chans=self.in_chans,
             **self.backbone_kwargs,
         )
-        if self.class_counts is not None:
-            args["class_counts"] = list(self.class_counts)
-        if self.class_prior is not None:
-            args["class_prior"] = self.class_prior if isinstance(self.class_prior, str) else list(self.class_prior)
-            args["prior_strength"] = self.prior_strength
+        args.update(self.deployment_args())
         if include_moco and self.moco_cfg is not None:
             args["moco"] = asdict(self.moco_cfg)
         return args
@@ -251,10 +193,11 @@ class NCLModel(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New heads for ``num_classes`` on every expert (0 removes them); trunks are kept. Another class count
-        also forgets the class counts and the class prior (they described the old classes)."""
+        also forgets the class counts, the class prior and the calibration (they described the old classes)."""
         if num_classes != self.num_classes:
             self.class_counts = None
             self.set_class_prior(None)
+            self.set_calibration(None)
         self.num_classes = num_classes
         if global_pool is not None:
             for trunk in self.trunks:
@@ -384,6 +327,7 @@ class NCLModel(nn.Module):
         new.num_experts = len(indices)
         new.num_features = new.head_hidden_size = new.num_experts * new.expert_features
         new.moco_cfg = None
+        new.calibration = self._subset_calibration(indices)
         cfg = dict(getattr(self, "pretrained_cfg", {}) or {})
         for key in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"):
             cfg.pop(key, None)  # these weights are no longer the source's

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import files, hub
+from ..calibration import fit_model_calibration
 from ..config import ConfigError, RunConfig, check_config, config_to_dict, flat_config, save_config
 from ..data import DataBundle, build_data, build_eval_loader, build_train_loader
 from ..data.checks import describe_row
@@ -364,8 +365,9 @@ def _finish(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
     best = hub.load_model(f"local-dir:{run.output_dir / 'best'}").to(acc.device)
     predictions = {name: predict(best, run.eval_loaders[name], acc) for name in cfg.eval_splits
                    if name in run.eval_loaders}
+    calibration = _calibrate(run, best, predictions)
     selected = progress.selected_expert
-    metrics = evaluate_predictions(predictions, data.class_counts, selected_expert=selected)
+    metrics = evaluate_predictions(predictions, data.class_counts, selected_expert=selected, calibration=calibration)
     for line in record_absent_classes(metrics, {"val": data.val, "test": data.test}, data.class_names):
         acc.print(line)
     result: Dict[str, Any] = {"metrics": metrics, "output_dir": str(run.output_dir), "best_epoch": progress.best_epoch,
@@ -390,6 +392,26 @@ def _finish(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _calibrate(run: _Run, best: NCLModel, predictions: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """BCTS maps of the best model's ensemble and experts, and the prior-estimation shrinkage, fitted on the
+    validation split; set on the model and saved with best/ (and so with every export). None without validation."""
+    if "val" not in run.eval_loaders:
+        run.accelerator.print("calibration: none (no validation split to fit it on)")
+        return None
+    logits, labels = predictions.get("val") or predict(best, run.eval_loaders["val"], run.accelerator)
+    calibration = fit_model_calibration(logits, labels, class_counts=run.data.class_counts, split="val")
+    best.set_calibration(calibration)
+    if run.accelerator.is_main_process:
+        hub.save_pretrained(best, run.output_dir / "best", variant="ensemble", config=config_to_dict(run.cfg),
+                            class_names=run.data.class_names, class_counts=run.data.class_counts)
+    ens = calibration["ensemble"]
+    run.accelerator.print(f"calibration: BCTS fitted on val ({calibration['num_samples']} images): ensemble T = "
+                          f"{ens['temperature']:.3f}, NLL {ens['nll_before']:.4f} -> {ens['nll_after']:.4f}; prior "
+                          f"estimation shrinkage {calibration['prior_shrinkage']:g}")
+    run.accelerator.wait_for_everyone()
+    return calibration
 
 
 def _run_info(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
