@@ -5,10 +5,12 @@
     python recipes/study.py --config recipes/studies/cifar10_lt_cpu.yaml --report   # collect finished runs only
     python recipes/study.py --report                                                 # docs/results.md from the JSON
     python recipes/study.py --config ... --dry-run                                   # the train.py commands
+    python recipes/study.py --config recipes/studies/deployment_cifar10_lt.yaml     # evaluate another study's runs
 
-Each run is recipes/train.py in its own process, log in <run>/train.log. The record of a study is written to
-docs/results/<name>.json; docs/results.md is generated from all records. The runner lives in benchmarks/study/
-(beside the recipes it drives, not in the installed package).
+Each run is recipes/train.py in its own process, log in <run>/train.log. A `kind: deployment` study trains
+nothing: it runs recipes/evaluate.py on the finished runs of the study it names (log in <run>/<out>.log; runs still
+training wait). The record of a study is written to docs/results/<name>.json; docs/results.md is generated from all
+records. The runner lives in benchmarks/study/ (beside the recipes it drives, not in the installed package).
 """
 import argparse
 import json
@@ -49,15 +51,36 @@ def _dry_run(study, only, seeds, results_dir: Path) -> None:
         print(f"[{state}] python recipes/train.py {' '.join(S.run_argv(study, method, seed))}")
 
 
+def _dry_run_deployment(study, only, seeds) -> None:
+    """Print each evaluation's evaluate.py command and state: done, new, or waiting for its run to finish."""
+    for _, _, run_dir in study.evaluations(only, seeds):
+        state = "done" if study.is_evaluated(run_dir) else "new" if S.is_finished(run_dir) else "waiting"
+        print(f"[{state}] python recipes/evaluate.py {' '.join(S.evaluate_argv(study, run_dir))}")
+
+
+def _run_and_collect(study, args, only, seeds, results_dir: Path):
+    """Run the study (unless ``--report``) and collect its record: (record, the runs or evaluations that failed)."""
+    deployment = isinstance(study, S.DeploymentStudy)
+    failed = []
+    if not args.report:
+        run = S.run_evaluations if deployment else S.run_study
+        failed = run(study, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds)
+    record = S.collect_deployment(study) if deployment else S.collect(study, results_dir)
+    record["machine"] = _machine()
+    return record, failed
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="study file (YAML)")
-    p.add_argument("--report", action="store_true", help="do not train: collect finished runs and regenerate")
+    p.add_argument("--report", action="store_true",
+                   help="do not train or evaluate: collect finished runs and regenerate")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")
     p.add_argument("--only", default=None, help="comma-separated method names to run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the study's)")
-    p.add_argument("--dry-run", action="store_true", help="print each run's train.py command and state")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each run's train.py (deployment study: evaluate.py) command and state")
     p.add_argument("--results-dir", default=str(REPO / "docs" / "results"), help="where study records go")
     p.add_argument("--markdown", default=str(REPO / "docs" / "results.md"), help="the generated results page")
     args = p.parse_args(argv)
@@ -70,12 +93,12 @@ def main(argv=None):
             only = args.only.split(",") if args.only else None
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             if args.dry_run:
-                _dry_run(study, only, seeds, Path(args.results_dir))
+                if isinstance(study, S.DeploymentStudy):
+                    _dry_run_deployment(study, only, seeds)
+                else:
+                    _dry_run(study, only, seeds, Path(args.results_dir))
                 return 0
-            if not args.report:
-                failed = S.run_study(study, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds)
-            record = S.collect(study, Path(args.results_dir))
-            record["machine"] = _machine()
+            record, failed = _run_and_collect(study, args, only, seeds, Path(args.results_dir))
             out = Path(args.results_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{study.name}.json").write_text(json.dumps(record, indent=1))
@@ -83,7 +106,7 @@ def main(argv=None):
         path = S.write_results(Path(args.results_dir), Path(args.markdown))
         print(f"wrote {path}")
         if failed:
-            print(f"{len(failed)} run(s) failed: " + ", ".join(map(str, failed)))
+            print(f"{len(failed)} run(s) or evaluation(s) failed: " + ", ".join(map(str, failed)))
             return 1
         return 0
     except (ConfigError, ImportError) as e:  # ImportError: matplotlib, for a schedule figure, is not installed

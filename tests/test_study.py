@@ -122,7 +122,7 @@ def test_runs_held_by_another_runner_are_left_to_it(tmp_path, tiny_data):
     assert S.run_study(study, only=["ncl"], log=lines.append) == []
     assert any("held by pid" in line for line in lines) and not (held / "train.log").exists()
     (held / ".lock").write_text("999999999")  # a stale lock (no such process) is ignored
-    assert run._lock_owner(held) is None
+    assert run._lock_owner(held / ".lock") is None
 
 
 def test_only_and_seeds_narrow_the_runs_and_a_typo_is_an_error(tmp_path, tiny_data, capsys):
@@ -317,3 +317,215 @@ def test_two_methods_of_one_series_and_length_or_a_length_without_baseline_are_e
     lone = {"a": {"series": "ncl", "overrides": {"epochs": 4}}, "c": {"series": "bsce", "from": "src/bsce_k1"}}
     with pytest.raises(ConfigError, match="a trains 4 epochs, but the baseline series bsce has no method of 4"):
         S.collect(S.load_study(_schedule_study(tmp_path, tiny_data, methods=lone)), results)
+
+
+# -------------------------------------------------------------------------------------------- deployment studies
+from ncl_hub.priors import TEST_IMBALANCES  # noqa: E402
+
+EXTREMES = (TEST_IMBALANCES[0], TEST_IMBALANCES[-1])  # 50 and 1/50
+
+
+def _by_r(extreme, balanced, other):
+    """A number per test imbalance: ``extreme`` at 50 and 1/50, ``balanced`` at 1, ``other`` elsewhere."""
+    return lambda r: extreme if r in EXTREMES else balanced if r == 1.0 else other
+
+
+def _fake_deployment(run_dir, base, *, num_experts, selected, oracle_gain, estimate_gap, commit="abc1234"):
+    """A finished run folder (``_fake_run``) and its deployment evaluation ``eval_deployment/metrics.json``: per
+    model (the ensemble at ``base`` + 5, expert k at ``base`` + k; all the same model when K = 1) and test imbalance
+    r, raw top-1 ``base``, oracle ``raw + oracle_gain(r)``; the scored halves' raw and oracle 0.1 above the exact
+    ones and the estimated prior ``estimate_gap(r)`` below their oracle."""
+    _fake_run(run_dir, base, base)
+    (run_dir / "run_info.json").write_text(json.dumps({"history": [], "commit": commit, "selected_expert": selected}))
+    models = [("ensemble", 5.0 if num_experts > 1 else 0.0)] + [(f"expert {k}", float(k)) for k in range(num_experts)]
+    records = []
+    for r in TEST_IMBALANCES:
+        for name, offset in models:
+            raw, oracle = base + offset, base + offset + oracle_gain(r)
+            records += [{"test_imbalance": r, "model": name, "prior": "raw", "adjusted": False, "top1": raw},
+                        {"test_imbalance": r, "model": name, "prior": "oracle", "adjusted": True, "top1": oracle}]
+    for r in TEST_IMBALANCES:
+        for name, offset in models:
+            raw, oracle = base + offset + 0.1, base + offset + oracle_gain(r) + 0.1
+            records.append({"test_imbalance": r, "model": name, "prior": "estimated", "adjusted": True,
+                            "top1": oracle - estimate_gap(r), "top1_std": 0.4, "raw_top1": raw, "oracle_top1": oracle,
+                            "prior_l1": 0.05 + offset / 100, "prior_l1_std": 0.01, "draws": 5, "estimated_from": 400,
+                            "num_samples": 401, "shrinkage": 0.1})
+    rows = [{"nll": 1.0 + offset / 10, "nll_calibrated": 0.8 + offset / 10, "ece": 10.0 + offset,
+             "ece_calibrated": 3.0 + offset, "temperature": 1.5} for _, offset in models]  # ensemble, expert 0, ...
+    calibration = {"fit_split": "val", "fitted_on": 90, "ensemble": rows[0], "experts": rows[1:]}
+    out = run_dir / "eval_deployment"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"selected_expert": selected, "splits": {
+        "val": {}, "test": {"prior_shift": records, "calibration": calibration}}}))
+
+
+def _deployment_study(tmp_path, tiny_data, **extra):
+    """``dep``: the deployment study of ``tiny_study`` (bsce_k1, K = 1, and ncl, K = 2; seeds 0 and 1)."""
+    _write_study(tmp_path, tiny_data)
+    spec = {"name": "dep", "kind": "deployment", "position": 9, "title": "Deploying the tiny models",
+            "description": "The tiny study's runs, deployed.", "evaluates": "tiny_study", "methods": ["ncl", "bsce_k1"],
+            "findings": "NCL's ensemble gains {{dep:ncl:ensemble:estimated_minus_raw:50}} at 50; its single expert "
+                        "scores {{dep:ncl:single:raw:1/50}} raw at 1/50, NLL {{dep:ncl:single:calibration:nll}}.",
+            **extra}
+    path = tmp_path / "dep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _deployed_runs(study):
+    """NCL meets every target (its oracle and estimated gains larger at seed 1); BSCE meets targets 2 and 3 only."""
+    for seed in (0, 1):
+        _fake_deployment(study.evaluated.run_dir("ncl", seed), 60.0 + 2 * seed, num_experts=2, selected=1 - seed,
+                         oracle_gain=_by_r(8.0 + 2 * seed, 0.0, 2.0), estimate_gap=_by_r(0.5, 0.1, 0.2))
+        _fake_deployment(study.evaluated.run_dir("bsce_k1", seed), 55.0 + seed, num_experts=1, selected=0,
+                         oracle_gain=_by_r(4.0, -0.5, 1.0), estimate_gap=_by_r(0.5, 0.0, 0.0))
+
+
+def test_deployment_dry_run_lists_evaluations_and_the_runner_skips_done_and_waits(tmp_path, tiny_data, capsys):
+    path = _deployment_study(tmp_path, tiny_data)
+    study = S.load_study(path)
+    assert isinstance(study, S.DeploymentStudy) and [m.name for m in study.methods] == ["ncl", "bsce_k1"]
+    run_dir = study.evaluated.run_dir
+    _fake_deployment(run_dir("bsce_k1", 0), 55.0, num_experts=1, selected=0, oracle_gain=_by_r(4, 0, 1),
+                     estimate_gap=_by_r(0, 0, 0))
+    _fake_run(run_dir("ncl", 0), 60.0, 60.0)  # finished, not evaluated
+    _fake_run(run_dir("bsce_k1", 1), 56.0, 56.0)
+    run_dir("ncl", 1).mkdir(parents=True)  # still training
+    assert study_recipe.main(["--config", str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    args = "--split val --split test --calibrate-on val --out"
+    assert printed == [
+        f"[new] python recipes/evaluate.py {run_dir('ncl', 0)} {args} {run_dir('ncl', 0) / 'eval_deployment'}",
+        f"[done] python recipes/evaluate.py {run_dir('bsce_k1', 0)} {args} "
+        f"{run_dir('bsce_k1', 0) / 'eval_deployment'}",
+        f"[waiting] python recipes/evaluate.py {run_dir('ncl', 1)} {args} {run_dir('ncl', 1) / 'eval_deployment'}",
+        f"[new] python recipes/evaluate.py {run_dir('bsce_k1', 1)} {args} "
+        f"{run_dir('bsce_k1', 1) / 'eval_deployment'}"]
+    assert study_recipe.main(["--config", str(path), "--dry-run", "--only", "ncl", "--seeds", "1"]) == 0
+    assert capsys.readouterr().out.startswith("[waiting]")
+
+    # the runner starts the new ones only (a stand-in for evaluate.py that writes the metrics it is told to)
+    script = tmp_path / "fake_evaluate.py"
+    script.write_text("import pathlib, sys\nout = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+                      "out.mkdir()\n(out / 'metrics.json').write_text('{}')\nprint('evaluated', sys.argv[1])\n")
+    lines = []
+    assert S.run_evaluations(study, jobs=2, threads=1, evaluate_script=script, log=lines.append) == []
+    assert lines[:2] == [f"done     {run_dir('bsce_k1', 0) / 'eval_deployment'}",
+                         f"waiting  {run_dir('ncl', 1)} (training not finished)"]
+    assert sum(line.startswith("started") for line in lines) == 2 == sum(line.startswith("finished") for line in lines)
+    for method, seed in (("ncl", 0), ("bsce_k1", 1)):
+        assert study.is_evaluated(run_dir(method, seed))
+        assert not (run_dir(method, seed) / "eval_deployment.lock").exists()
+        log = (run_dir(method, seed) / "eval_deployment.log").read_text()
+        assert f"{script} {run_dir(method, seed)} {args}" in log and "evaluated" in log
+    assert not (run_dir("bsce_k1", 0) / "eval_deployment.log").exists()  # done before: not evaluated again
+    assert not study.is_evaluated(run_dir("ncl", 1))
+
+
+def test_deployment_record_pairs_the_same_halves_and_takes_the_selected_expert(tmp_path, tiny_data):
+    study = S.load_study(_deployment_study(tmp_path, tiny_data))
+    _deployed_runs(study)
+    record = S.collect_deployment(study)
+    assert record["kind"] == "deployment" and record["evaluates"] == "tiny_study" and record["commits"] == ["abc1234"]
+    assert record["test_imbalances"] == ["50", "25", "10", "5", "2", "1", "1/2", "1/5", "1/10", "1/25", "1/50"]
+    assert list(record["methods"]) == ["ncl", "bsce_k1"] and record["targets"]["min_estimated_minus_raw"] == -0.3
+    ncl, bsce = record["methods"]["ncl"], record["methods"]["bsce_k1"]
+    # the single model is the expert selected on validation: expert 1 (60 + 1) at seed 0, expert 0 (62 + 0) at seed 1
+    assert ncl["runs"]["0"]["models"]["single"]["prior_shift"]["1/50"]["raw"] == 61.0
+    single_raw = ncl["summary"]["single/raw/1/50"]
+    assert single_raw["values"] == [61.0, 62.0] and single_raw["mean"] == pytest.approx(61.5)
+    # estimated minus raw of the same halves, seed by seed: (oracle + 0.1 - 0.5) - (raw + 0.1) = 8 - 0.5 and 10 - 0.5
+    paired = ncl["summary"]["ensemble/estimated_minus_raw/50"]
+    assert paired["values"] == pytest.approx([7.5, 9.5]) and paired["mean"] == pytest.approx(8.5)
+    assert paired["std"] == pytest.approx(2 ** 0.5)
+    assert ncl["summary"]["ensemble/estimated_minus_oracle/1"]["values"] == pytest.approx([-0.1, -0.1])
+    assert ncl["summary"]["single/oracle_minus_raw/25"]["mean"] == pytest.approx(2.0)
+    assert ncl["summary"]["ensemble/calibration/nll"]["mean"] == pytest.approx(1.5)
+    assert ncl["summary"]["single/calibration/ece"]["values"] == [11.0, 10.0]  # expert 1, then expert 0
+    # K = 1: one model, called single
+    assert set(bsce["runs"]["0"]["models"]) == {"single"} and not any(k.startswith("ensemble") for k in bsce["summary"])
+    assert bsce["runs"]["1"]["estimation"]["draws"] == 5 and bsce["runs"]["1"]["calibration_fit"]["fitted_on"] == 90
+
+
+def test_deployment_page_has_its_tables_and_checks_with_pass_or_fail(tmp_path, tiny_data):
+    path = _deployment_study(tmp_path, tiny_data)
+    study = S.load_study(path)
+    _deployed_runs(study)
+    results, page = tmp_path / "results", tmp_path / "results.md"
+    argv = ["--config", str(path), "--report", "--results-dir", str(results), "--markdown", str(page)]
+    assert study_recipe.main(argv) == 0
+    text = page.read_text()
+    assert "## Deploying the tiny models" in text and "The tiny study's runs, deployed." in text
+    assert "each evaluated with `python recipes/evaluate.py RUN --split val --split test --calibrate-on val --out " \
+           "RUN/eval_deployment`; calibration fitted on val (90 images)" in text
+    single = text[text.index("### Shifted test class mix: the selected single expert"):]
+    assert "| method | | 50 | 25 | 10 | 5 | 2 | 1 | 1/2 | 1/5 | 1/10 | 1/25 | 1/50 |" in single
+    assert "| NCL K=2 (2 seeds) | raw | 61.50 ± 0.71 |" in single
+    assert "| BSCE K=1 (2 seeds) | raw | 55.50 ± 0.71 |" in single
+    assert "|  | estimated − raw, same halves | +8.50 ± 1.41 | +1.80 ± 0.00 |" in single
+    assert "|  | L1 error of the estimated prior | 0.055 ± 0.007 |" in single
+    ensemble = text[text.index("### Shifted test class mix: the ensemble"):text.index("### Calibration")]
+    assert "NCL K=2" in ensemble and "BSCE" not in ensemble
+    assert "| NCL K=2 (2 seeds) | ensemble | 1.500 ± 0.000 → 1.300 ± 0.000 | 15.00 ± 0.00 → 8.00 ± 0.00 |" in (
+        text[text.index("### Calibration"):])
+    checks = text[text.index("### Checks"):]
+    assert "1. oracle ≥ raw − 0.3 at every r (exact rows);" in checks
+    assert "3. estimated ≥ raw + 3 at r = 50 and 1/50;" in checks
+    assert "5. estimated within 0.3 of raw at r = 1." in checks
+    assert ("| NCL K=2 (2 seeds) | ensemble | +0.00 (r = 1) | -0.50 / -0.50 | +8.50 / +8.50 | -0.10 (r = 1) | -0.10 "
+            "| all 5 met |") in checks
+    assert ("| BSCE K=1 (2 seeds) | single (K = 1) | -0.50 (r = 1) | -0.50 / -0.50 | +3.50 / +3.50 | -0.50 (r = 1) "
+            "| -0.50 | 2 of 5 met; misses 1, 4, 5 |") in checks
+    assert ("NCL's ensemble gains +8.50 ± 1.41 at 50; its single expert scores 61.50 ± 0.71 raw at 1/50, NLL "
+            "1.050 ± 0.071.") in text
+    # targets are data of the study file; the page is regenerated from the record alone
+    record = json.loads((results / "dep.json").read_text())
+    record["targets"]["min_oracle_minus_raw"] = -1.0
+    assert "3 of 5 met; misses 4, 5" in S.render_deployment(record)
+    page.unlink()
+    assert study_recipe.main(["--report", "--results-dir", str(results), "--markdown", str(page)]) == 0
+    assert page.read_text() == text
+    with pytest.raises(ValueError, match="dep:ncl:single:nope"):
+        S.fill_deployment("{{dep:ncl:single:nope}}", record)
+
+
+def test_a_deployment_study_without_evaluated_runs_lists_its_methods(tmp_path, tiny_data):
+    study = S.load_study(_deployment_study(tmp_path, tiny_data, findings=""))
+    record = S.collect_deployment(study)
+    assert record["test_imbalances"] == [] and all(not m["runs"] for m in record["methods"].values())
+    text = S.render_deployment(record)
+    assert text.startswith("## Deploying the tiny models")
+    assert "each method has: NCL K=2: 0 of 2; BSCE K=1: 0 of 2." in text
+    assert "### Checks" not in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"kind": "deploy"}, "unknown study kind 'deploy'"),
+    ({"seeds": [0]}, r"unknown deployment study keys \['seeds'\]"),
+    ({"evaluates": "nope"}, "no study file .*nope.yaml"),
+    ({"methods": ["ncl", "nope"]}, "study tiny_study has no method 'nope'"),
+    ({"evaluate_args": ["--split", "test", "--out", "x"]}, "evaluate_args give --out"),
+    ({"out": "a/b"}, "give a folder name"),
+    ({"targets": {"min_gain": 1}}, r"unknown targets \['min_gain'\]"),
+])
+def test_bad_deployment_study_files_are_refused(tmp_path, tiny_data, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        S.load_study(_deployment_study(tmp_path, tiny_data, **extra))
+
+
+def test_a_deployment_study_evaluates_only_methods_its_study_trains(tmp_path, tiny_data):
+    _schedule_study(tmp_path, tiny_data)  # tiny_study.yaml: the schedule study sched
+    path = tmp_path / "dep.yaml"
+    path.write_text(yaml.safe_dump({"name": "dep", "kind": "deployment", "evaluates": "tiny_study",
+                                    "methods": ["ncl_e4", "bsce_e2"]}))
+    with pytest.raises(ConfigError, match="bsce_e2 of study sched takes its runs from src/bsce_k1"):
+        S.load_study(path)
+    path.write_text(yaml.safe_dump({"name": "dep", "kind": "deployment", "evaluates": "tiny_study",
+                                    "methods": ["ncl_e4"]}))
+    study = S.load_study(path)
+    assert [(m.name, s) for m, s, _ in study.evaluations()] == [("ncl_e4", 0)]
+    assert study.evaluated.run_dir("ncl_e4", 0) == tmp_path / "sched_runs" / "ncl_e4" / "seed_0"
+    _fake_deployment(study.evaluated.run_dir("ncl_e4", 0), 50.0, num_experts=2, selected=0,
+                     oracle_gain=_by_r(4, 0, 1), estimate_gap=_by_r(0, 0, 0))
+    assert S.collect_deployment(study)["methods"]["ncl_e4"]["label"] == "NCL, 4 epochs"

@@ -4,12 +4,12 @@ seeds; paired differences to the baseline."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ncl_hub.config import ConfigError, parse_args
 
+from .stats import _stats
 from .study import REPO, Method, Study, cli_args, is_finished
 
 METRIC_KEYS = ("top1", "many", "medium", "few")  # a run's summary keys: top-1 and ncl_hub.evaluate.GROUPS
@@ -41,15 +41,6 @@ def _train_time(info: Dict[str, Any]) -> Optional[float]:
     process's wall time, this counts the epochs before a kill and resume."""
     times = [h.get("time_s") for h in info.get("history", [])]
     return round(sum(times), 1) if times and all(t is not None for t in times) else None
-
-
-def _stats(values: List[Optional[float]]) -> Dict[str, Any]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0, "values": values}
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(vals), "values": values}
 
 
 def _summary(runs: Dict[str, Any]) -> Dict[str, Any]:

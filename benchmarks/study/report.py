@@ -1,6 +1,7 @@
 """Report studies: their records turned into the markdown of ``docs/results.md`` (setting, test and validation
 tables, paired differences, the schedule-length table and figure of a study with series, per-class accuracy,
-training curves, findings). Nothing in it is typed by hand."""
+training curves, findings; a deployment study's section comes from :mod:`.deployment_report`). Nothing in it is
+typed by hand."""
 from __future__ import annotations
 
 import json
@@ -10,22 +11,12 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .deployment_report import render_deployment
 from .figure import plot_schedule
 from .record import METRIC_KEYS, schedule_grid
+from .stats import _fmt
 
 _GROUP_NAMES = {"top1": "overall", "many": "many", "medium": "medium", "few": "few"}
-
-
-def _fmt(stat: Optional[Dict[str, Any]], with_values: bool = True, signed: bool = False) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    sign = "+" if signed else ""
-    if stat["n"] == 1:  # no spread to show: say so rather than print "± 0.00"
-        return f"{stat['mean']:{sign}.2f} (1 seed)"
-    text = f"{stat['mean']:{sign}.2f} ± {stat['std']:.2f}"
-    if with_values:
-        text += " (" + ", ".join("-" if v is None else f"{v:{sign}.1f}" for v in stat["values"]) + ")"
-    return text
 
 
 def _present_groups(record: Dict[str, Any]) -> List[str]:
@@ -241,7 +232,8 @@ def render_markdown(records: Sequence[Dict[str, Any]], machine: str = "see each 
                     figure_dir: str = "results") -> str:
     """The results page of ``records``; figures are linked from ``figure_dir`` (relative to the page)."""
     parts = [HEADER.format(machine=machine)]
-    parts += [render_study(r, figure_dir=figure_dir) for r in records]
+    parts += [render_deployment(r) if r.get("kind") == "deployment" else render_study(r, figure_dir=figure_dir)
+              for r in records]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -45,22 +45,63 @@ paired differences and the validation top-1) and the figure ``docs/results/<name
 
 Each trained run is ``recipes/train.py`` in a subprocess, its folder ``<output_root>/<method>/seed_<n>``. Unknown
 keys are errors.
+
+A study file with ``kind: deployment`` trains nothing: it evaluates the finished runs of another study for
+deployment where the test class mix is unknown (``recipes/evaluate.py`` on each run, calibration fitted on a
+labelled split, the test split resampled to shifted class priors; :mod:`.deployment` collects the results and
+:mod:`.deployment_report` shows them)::
+
+    name: deployment_cifar10_lt
+    kind: deployment           # default: training (the format above)
+    title: ...                 # as above; also description, findings, position
+    evaluates: schedule_cifar10_lt   # a study file of the same folder, without .yaml: its output_root, methods
+                                     # and seeds give the run folders; it must be a training study
+    methods: [bsce_k1_e60, ncl_paper_e60]   # methods it trains (not taken with from), in table order
+    evaluate_args: ["--split", "val", "--split", "test", "--calibrate-on", "val"]   # the default; every
+                               # recipes/evaluate.py argument but the run folder and --out
+    out: eval_deployment       # the default: the evaluation's folder inside each run folder (a name, no path)
+    targets:                   # optional, the defaults shown; checked on the means over seeds (module
+      min_oracle_minus_raw: -0.3                  # .deployment_report): oracle - raw at every r at least this
+      max_abs_estimated_minus_oracle_at_extremes: 1.5  # |estimated - oracle| at the largest and smallest r
+      min_estimated_minus_raw_at_extremes: 3.0    # estimated - raw at the largest and smallest r at least this
+      min_estimated_minus_raw: -0.3               # estimated - raw at every r at least this
+      max_abs_estimated_minus_raw_at_balanced: 0.3  # |estimated - raw| at r = 1 at most this
+
+Each evaluation is ``recipes/evaluate.py RUN_DIR <evaluate_args> --out RUN_DIR/<out>`` in a subprocess, its output
+appended to ``RUN_DIR/<out>.log``; a run whose ``RUN_DIR/<out>/metrics.json`` exists is done, a run not finished
+training is waiting (neither is an error). The estimated and paired numbers (estimated - raw, estimated - oracle)
+compare the same scored halves of the resampled test subsets; raw and oracle alone are exact. Its ``findings`` quote
+numbers as ``{{dep:METHOD:MODEL:QUANTITY:R}}`` (MODEL single or ensemble; QUANTITY raw, oracle, estimated,
+estimated_std, paired_raw, paired_oracle, prior_l1, prior_l1_std, oracle_minus_raw, estimated_minus_raw or
+estimated_minus_oracle; R as the tables write it: 50, 1, 1/50) or ``{{dep:METHOD:MODEL:calibration:FIELD}}`` (nll,
+nll_calibrated, ece, ece_calibrated, temperature), each replaced by its mean ± std over seeds.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from ncl_hub.config import ConfigError, parse_args
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout whose recipes/train.py the runs use
-_STUDY_KEYS = {"name", "title", "description", "findings", "config", "output_root", "seeds", "common", "methods",
-               "baseline", "position", "series"}
+_STUDY_KEYS = {"name", "kind", "title", "description", "findings", "config", "output_root", "seeds", "common",
+               "methods", "baseline", "position", "series"}
 _METHOD_KEYS = {"label", "overrides", "seeds", "from", "series"}
+KINDS = ("training", "deployment")
+_DEPLOYMENT_KEYS = {"name", "kind", "title", "description", "findings", "position", "evaluates", "methods",
+                    "evaluate_args", "out", "targets"}
+DEFAULT_EVALUATE_ARGS = ("--split", "val", "--split", "test", "--calibrate-on", "val")
+DEFAULT_TARGETS = {  # the deployment targets (module docstring), in points of test top-1
+    "min_oracle_minus_raw": -0.3,
+    "max_abs_estimated_minus_oracle_at_extremes": 1.5,
+    "min_estimated_minus_raw_at_extremes": 3.0,
+    "min_estimated_minus_raw": -0.3,
+    "max_abs_estimated_minus_raw_at_balanced": 0.3,
+}
 
 
 @dataclass
@@ -103,11 +144,7 @@ class Study:
         """Every (method, seed) this study trains, seed-major: an interrupted study has every method at the same
         seeds; methods taken from another record have none. ``only`` and ``seeds`` narrow it to some methods and
         seeds of the study; a name or seed the study lacks is an error."""
-        names = [m.name for m in self.methods]
-        unknown = [x for x in only or () if x not in names] + [x for x in seeds or () if x not in self.seeds]
-        if unknown:
-            raise ConfigError(f"study {self.name} has no method or seed {', '.join(map(str, unknown))}; its methods "
-                              f"are {', '.join(names)} and its seeds {', '.join(map(str, self.seeds))}")
+        _check_narrowing(self.name, [m.name for m in self.methods], self.seeds, only, seeds)
         return [(m, s) for s in self.seeds for m in self.methods
                 if m.taken_from is None and s in self.seeds_of(m) and (not only or m.name in only)
                 and (seeds is None or s in seeds)]
@@ -121,13 +158,59 @@ class Study:
         return self.baseline if self.baseline in self.series else None
 
 
-def load_study(path) -> Study:
-    """Read and check a study file; every run's configuration is resolved once here, so a typo in an override
-    is an error before anything trains."""
+@dataclass
+class DeploymentStudy:
+    """A ``kind: deployment`` study: the deployment evaluation of some methods of a training study (``evaluated``)."""
+    name: str
+    title: str
+    description: str
+    evaluated: Study
+    methods: List[Method]  # the evaluated study's, in table order
+    evaluate_args: List[str]
+    out: str  # the evaluation's folder name inside each run folder
+    targets: Dict[str, float]
+    findings: str = ""
+    position: Optional[int] = None
+    source: Optional[Path] = None
+
+    def evaluations(self, only: Optional[Sequence[str]] = None,
+                    seeds: Optional[Sequence[int]] = None) -> List[Tuple[Method, int, Path]]:
+        """Every (method, seed, run folder) this study evaluates, seed-major, narrowed as :meth:`Study.runs`."""
+        _check_narrowing(self.name, [m.name for m in self.methods], self.evaluated.seeds, only, seeds)
+        return [(m, s, self.evaluated.run_dir(m.name, s)) for s in self.evaluated.seeds for m in self.methods
+                if s in self.evaluated.seeds_of(m) and (not only or m.name in only) and (seeds is None or s in seeds)]
+
+    def out_dir(self, run_dir: Path) -> Path:
+        return run_dir / self.out
+
+    def is_evaluated(self, run_dir: Path) -> bool:
+        """Whether the deployment evaluation of ``run_dir`` is written (its ``metrics.json``)."""
+        return (self.out_dir(run_dir) / "metrics.json").is_file()
+
+
+def _check_narrowing(study: str, names: List[str], study_seeds: List[int], only: Optional[Sequence[str]],
+                     seeds: Optional[Sequence[int]]) -> None:
+    """``--only`` and ``--seeds`` name methods and seeds the study has."""
+    unknown = [x for x in only or () if x not in names] + [x for x in seeds or () if x not in study_seeds]
+    if unknown:
+        raise ConfigError(f"study {study} has no method or seed {', '.join(map(str, unknown))}; its methods "
+                          f"are {', '.join(names)} and its seeds {', '.join(map(str, study_seeds))}")
+
+
+def load_study(path) -> Union[Study, DeploymentStudy]:
+    """Read and check a study file (either kind); every run's configuration is resolved once here, so a typo in an
+    override is an error before anything trains."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
+    kind = data.get("kind", "training")
+    if kind not in KINDS:
+        raise ConfigError(f"{path}: unknown study kind {kind!r}; a study is one of {', '.join(KINDS)}")
+    return _load_deployment(path, data) if kind == "deployment" else _load_training(path, data)
+
+
+def _load_training(path: Path, data: Dict[str, Any]) -> Study:
     missing = [k for k in ("name", "config", "seeds", "methods") if k not in data]
     if missing:
         raise ConfigError(f"{path}: study file lacks {', '.join(missing)}")
@@ -182,6 +265,59 @@ def _check_baseline(path: Path, study: Study) -> None:
         raise ConfigError(f"{path}: baseline {study.baseline!r} is not one of the methods {names}{also}")
 
 
+def _load_deployment(path: Path, data: Dict[str, Any]) -> DeploymentStudy:
+    """A ``kind: deployment`` study file, checked, with the training study it evaluates loaded."""
+    unknown = set(data) - _DEPLOYMENT_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown deployment study keys {sorted(unknown)}; a deployment study takes "
+                          f"{', '.join(sorted(_DEPLOYMENT_KEYS))}")
+    missing = [k for k in ("name", "evaluates", "methods") if k not in data]
+    if missing:
+        raise ConfigError(f"{path}: deployment study file lacks {', '.join(missing)}")
+    evaluated_path = path.parent / f"{data['evaluates']}.yaml"
+    if not evaluated_path.is_file():
+        raise ConfigError(f"{path}: evaluates {data['evaluates']!r}, but there is no study file {evaluated_path}; "
+                          "name a study file of the same folder, without .yaml")
+    evaluated = load_study(evaluated_path)
+    if not isinstance(evaluated, Study):
+        raise ConfigError(f"{path}: evaluates {data['evaluates']!r}, a deployment study; name a training study")
+    args = [str(a) for a in data.get("evaluate_args", DEFAULT_EVALUATE_ARGS)]
+    if any(a == "--out" or a.startswith("--out=") for a in args):
+        raise ConfigError(f"{path}: evaluate_args give --out; the study's `out` names the evaluation's folder")
+    out = str(data.get("out", "eval_deployment"))
+    if Path(out).name != out or out in ("", ".", ".."):
+        raise ConfigError(f"{path}: out: {out!r}; give a folder name (it is written inside each run folder)")
+    return DeploymentStudy(
+        name=data["name"], title=data.get("title", data["name"]), description=(data.get("description") or "").strip(),
+        evaluated=evaluated, methods=_evaluated_methods(path, evaluated, data["methods"]), evaluate_args=args, out=out,
+        targets=_targets(path, data.get("targets")), findings=(data.get("findings") or "").strip(),
+        position=None if data.get("position") is None else int(data["position"]), source=path)
+
+
+def _evaluated_methods(path: Path, evaluated: Study, names: Any) -> List[Method]:
+    """The methods a deployment study names: a list of methods the evaluated study trains itself."""
+    by_name = {m.name: m for m in evaluated.methods}
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"{path}: methods must be a list of methods of study {evaluated.name}")
+    for name in names:
+        if name not in by_name:
+            raise ConfigError(f"{path}: study {evaluated.name} has no method {name!r}; its methods are "
+                              f"{', '.join(by_name)}")
+        if by_name[name].taken_from is not None:
+            raise ConfigError(f"{path}: method {name} of study {evaluated.name} takes its runs from "
+                              f"{by_name[name].taken_from}; evaluate that study's method instead")
+    return [by_name[name] for name in names]
+
+
+def _targets(path: Path, targets: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    """:data:`DEFAULT_TARGETS` updated with the study file's ``targets``; an unknown target is an error."""
+    unknown = set(targets or {}) - set(DEFAULT_TARGETS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown targets {sorted(unknown)}; the targets are "
+                          f"{', '.join(DEFAULT_TARGETS)}")
+    return {k: float((targets or {}).get(k, v)) for k, v in DEFAULT_TARGETS.items()}
+
+
 def cli_args(overrides: Dict[str, Any]) -> List[str]:
     """``{key: value}`` as ``recipes/train.py`` arguments (``--key value``; lists, mappings and booleans as JSON)."""
     argv = []
@@ -195,6 +331,11 @@ def run_argv(study: Study, method: Method, seed: int) -> List[str]:
     """The ``recipes/train.py`` arguments of one run (without ``--resume``)."""
     return ["--config", str(study.config), *cli_args(study.common), *cli_args(method.overrides), "--seed", str(seed),
             "--output_dir", str(study.run_dir(method.name, seed)), *study.extra_args]
+
+
+def evaluate_argv(study: DeploymentStudy, run_dir: Path) -> List[str]:
+    """The ``recipes/evaluate.py`` arguments of one run's deployment evaluation."""
+    return [str(run_dir), *study.evaluate_args, "--out", str(study.out_dir(run_dir))]
 
 
 def is_finished(run_dir: Path) -> bool:
