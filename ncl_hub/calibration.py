@@ -245,11 +245,29 @@ def expected_calibration_error(logits: torch.Tensor, labels: Union[torch.Tensor,
     return per_bin.abs().sum().item() / y.numel()
 
 
+def _out_of_fold(logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], seed: int = 0) -> torch.Tensor:
+    """Logits [N, C] calibrated out of fold: the split in two halves, stratified by class (seeded), each half
+    through the BCTS map fitted on the other."""
+    y = torch.as_tensor(labels).long().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(y)
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        fold[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % 2
+    out = torch.empty_like(logits)
+    for k in (0, 1):
+        fit, apply = fold != k, fold == k
+        out[apply] = fit_bcts(logits[fit], y[fit]).apply(logits[apply]).to(out.dtype)
+    return out
+
+
 def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], *,
                           class_counts: Optional[Sequence[float]] = None, split: str = "val") -> Dict[str, Any]:
     """Calibrate a multi-expert model on a labelled split: BCTS for its ensemble (the mean of the experts' logits)
     and for each expert, and the prior-estimation shrinkage chosen on the same split
-    (:func:`ncl_hub.priors.select_shrinkage`, on the calibrated ensemble, test priors over the training order).
+    (:func:`ncl_hub.priors.select_shrinkage`, test priors over the training order). The shrinkage is chosen on
+    probabilities calibrated out of fold (each half of the split by a map fitted on the other half): EM's error on a
+    test set comes mostly from the calibration's own error, which in-sample probabilities would not show.
 
     Args:
         expert_logits: raw logits [K, N, C] of the split (no class prior added).
@@ -266,7 +284,8 @@ def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tenso
     logits = expert_logits.detach().double()
     ensemble = fit_bcts(logits.mean(0), labels)
     experts = [fit_bcts(z, labels) for z in logits]
-    shrinkage, table = select_shrinkage(ensemble.apply(logits.mean(0)), labels, class_order_counts=class_counts)
+    held_out = _out_of_fold(logits.mean(0), labels) if logits.shape[1] >= 40 else ensemble.apply(logits.mean(0))
+    shrinkage, table = select_shrinkage(held_out, labels, class_order_counts=class_counts)
     return {"fit_split": split, "num_samples": int(logits.shape[1]), "ensemble": ensemble.to_dict(),
             "experts": [e.to_dict() for e in experts], "prior_shrinkage": shrinkage,
             "shrinkage_l1": {f"{a:g}": round(err, 6) for a, err in table.items()}}

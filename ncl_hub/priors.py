@@ -18,12 +18,18 @@ test prior ``pi`` the posterior is ``p(c|x) = p_s(c|x) pi_c / pi_s_c / w(x)`` wi
 ``w(x) = sum_c p_s(c|x) pi_c / pi_s_c = p(x) / p_s(x)``. EM alternates
 
 * E-step: ``p_ic = softmax(z_i + log pi - log pi_s)_c`` (log space);
-* M-step: ``pi_c = (sum_i p_ic + a) / (N + C a)``,
+* M-step: ``pi_c = (sum_i p_ic + a) / (N + C a)`` with ``a = kappa N / C``, i.e.
+  ``pi_c = (mean_i p_ic + kappa / C) / (1 + kappa)``,
 
-where ``a >= 0`` (``shrinkage``) is a pseudo-count per class: the MAP estimate under a symmetric Dirichlet
-``(1 + a)`` prior, which shrinks towards uniform (``a = 0`` is maximum likelihood). Each step increases the
-(penalised) log-likelihood ``sum_i log w(x_i)``. :func:`select_shrinkage` picks ``a`` on labelled validation
-data resampled to the shifted test priors above.
+where ``kappa >= 0`` (``shrinkage``) weighs a uniform prior as ``kappa`` times the sample: the MAP estimate under
+a symmetric Dirichlet ``(1 + a)`` prior whose pseudo-counts ``a`` grow with the sample, so that the pull towards
+uniform is the same share of the evidence at any N (``kappa = 0`` is maximum likelihood). Each step increases the
+(penalised) log-likelihood ``sum_i log w(x_i)``. Why shrink at all: EM turns small calibration errors into large
+prior errors when the classifier confuses classes (its confusion matrix is then near-singular), and a
+calibration fitted on a few hundred validation images has such errors. :func:`select_shrinkage` picks ``kappa``
+on labelled validation data resampled to the shifted test priors above, with probabilities calibrated out of
+fold (:func:`ncl_hub.calibration.fit_model_calibration`), so the choice sees the calibration error a test set
+will see.
 
 Shapes: N samples, C classes.
 """
@@ -239,7 +245,7 @@ def load_prior_file(path: Union[str, os.PathLike], class_names: Optional[Sequenc
 
 
 # ------------------------------------------------------------------------------------ label-shift estimation
-SHRINKAGE_CANDIDATES = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+SHRINKAGE_CANDIDATES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _EM_BATCH_ELEMENTS = 1 << 24  # float64 entries of the resampled logits per EM batch (128 MiB)
 
 
@@ -296,7 +302,7 @@ class PriorEstimate:
         effective_sample_size: Kish's ``(sum_i w_i)^2 / sum_i w_i^2`` of the same weights, in (0, N]: how many
             samples of the source distribution the test samples are worth (N when ``pi = pi_s``).
         num_samples: N.
-        shrinkage: the Dirichlet pseudo-count per class ``a`` used.
+        shrinkage: the shrinkage ``kappa`` used (the uniform prior's weight as a share of the sample).
     """
 
     prior: torch.Tensor
@@ -397,8 +403,9 @@ def estimate_prior(logits: torch.Tensor, *, source_prior: Optional[PriorSpec] = 
             non-negative numbers (see :func:`check_prior`). Classes with source prior 0 get prior 0.
         tol: stop once an update moves no class by ``tol`` or more (max-norm of the change, probability units).
         max_iter: the most EM updates; ``converged`` is False when they run out.
-        shrinkage: Dirichlet pseudo-count per class ``a >= 0`` (MAP under Dirichlet ``1 + a``); 0 is maximum
-            likelihood. It is a count, so its pull towards uniform fades as N grows.
+        shrinkage: ``kappa >= 0``, the weight of a uniform prior (over the classes the source prior allows) as a
+            share of the sample: MAP under a Dirichlet with ``kappa N / C`` pseudo-counts per class (module
+            docstring); 0 is maximum likelihood.
 
     Returns:
         a :class:`PriorEstimate` (prior [C], float64, on the CPU).
@@ -409,7 +416,8 @@ def estimate_prior(logits: torch.Tensor, *, source_prior: Optional[PriorSpec] = 
     tol = _check_number(tol, "tol", positive=True)
     max_iter = _check_count(max_iter, "max_iter")
     log_lik, support = _source_log_likelihood(z, source_prior)
-    prior_s, iterations, converged = _em(log_lik, torch.tensor([a], dtype=torch.float64), tol, max_iter)
+    counts = torch.tensor([a * num_samples / support.numel()], dtype=torch.float64)  # pseudo-counts per class
+    prior_s, iterations, converged = _em(log_lik, counts, tol, max_iter)
     prior_s = prior_s[0]
     log_w = torch.logsumexp(log_lik + prior_s.log(), dim=1)  # [N]: log sum_c p_s(c|x) pi_c / pi_s_c
     ess = torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
@@ -444,8 +452,7 @@ def select_shrinkage(logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[
     Args:
         logits: calibrated validation logits [N, C] (as for :func:`estimate_prior`).
         labels: their classes [N].
-        candidates: pseudo-counts per class to compare (a count, not a share of n: its effect fades with n, so
-            one value serves the range of test-set sizes that ``sample_sizes`` stands for).
+        candidates: shrinkage strengths ``kappa`` to compare (a share of the sample, see :func:`estimate_prior`).
         sample_sizes: test-set sizes n to simulate; pick them near the expected deployment sizes.
         imbalances: test imbalances r (default: SADE's protocol, 50 ... 1/50).
         draws: resampled sets per (r, n).
@@ -472,7 +479,7 @@ def select_shrinkage(logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[
         raise ValueError("imbalances is empty: give at least one test imbalance")
     log_lik, support = _source_log_likelihood(z, source_prior)
     class_sizes = torch.bincount(y, minlength=num_classes).double()
-    a = torch.tensor(values, dtype=torch.float64)
+    kappa = torch.tensor(values, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(values), dtype=torch.float64)
     for imbalance in imbalances:
@@ -481,7 +488,8 @@ def select_shrinkage(logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[
         weights = (target / class_sizes.clamp(min=1))[y]  # sample weights: class by target, uniform within it
         for size in sizes:
             idx = torch.multinomial(weights.expand(draws, -1), size, replacement=True, generator=generator)
-            total += _resampled_l1(log_lik, idx.to(z.device), support, target, a, tol, max_iter)
+            counts = kappa * size / support.numel()  # each candidate's pseudo-counts per class at this size
+            total += _resampled_l1(log_lik, idx.to(z.device), support, target, counts, tol, max_iter)
     runs = len(imbalances) * len(sizes) * draws
     table = {v: float(t) / runs for v, t in zip(values, total.tolist())}
     best = values[int(torch.argmin(total))]  # argmin returns the first minimum
