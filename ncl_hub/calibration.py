@@ -245,29 +245,66 @@ def expected_calibration_error(logits: torch.Tensor, labels: Union[torch.Tensor,
     return per_bin.abs().sum().item() / y.numel()
 
 
-def _out_of_fold(logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], seed: int = 0) -> torch.Tensor:
-    """Logits [N, C] calibrated out of fold: the split in two halves, stratified by class (seeded), each half
-    through the BCTS map fitted on the other."""
-    y = torch.as_tensor(labels).long().cpu()
+# ---------------------------------------------------------------------------------------------- a model
+METHODS = ("none", "temperature", "bcts")
+BIAS_PRIOR_SD = 0.5  # a Gaussian prior on each class bias (logits): a ridge 1 / (2 sd^2 N) on the mean NLL
+MIN_SAMPLES_TO_CHOOSE = 40  # fewer labelled images: temperature scaling, no choice
+
+
+def _fit(method: str, logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
+    """The map of ``method`` fitted on a labelled split: ``none`` (the identity, with its NLL recorded),
+    ``temperature`` (T only) or ``bcts`` (T and a bias per class, the bias regularised by ``BIAS_PRIOR_SD``)."""
+    if method == "none":
+        before = fit_bcts(logits, labels, max_iter=1, bias=False).nll_before
+        return Calibration(1.0, [0.0] * logits.shape[1], fitted_on=len(labels), nll_before=before, nll_after=before)
+    if method == "temperature":
+        return fit_bcts(logits, labels, bias=False)
+    return fit_bcts(logits, labels, l2=1.0 / (2 * BIAS_PRIOR_SD ** 2 * len(labels)))
+
+
+def _folds(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """0 / 1 per sample [N]: two halves, stratified by class (seeded)."""
     generator = torch.Generator().manual_seed(seed)
-    fold = torch.empty_like(y)
-    for c in torch.unique(y).tolist():
-        members = torch.nonzero(y == c).flatten()
+    fold = torch.empty_like(labels)
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
         fold[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % 2
+    return fold
+
+
+def _out_of_fold(method: str, logits: torch.Tensor, labels: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C] calibrated out of fold: each half through the map of ``method`` fitted on the other half."""
     out = torch.empty_like(logits)
     for k in (0, 1):
         fit, apply = fold != k, fold == k
-        out[apply] = fit_bcts(logits[fit], y[fit]).apply(logits[apply]).to(out.dtype)
+        out[apply] = _fit(method, logits[fit], labels[fit]).apply(logits[apply]).to(out.dtype)
     return out
+
+
+def _choose(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[str, Calibration, torch.Tensor, Dict[str, float]]:
+    """The method with the lowest out-of-fold NLL (a map that does not generalise from half the split to the other
+    half is not used), its map fitted on the whole split, its out-of-fold logits and every method's NLL."""
+    if len(labels) < MIN_SAMPLES_TO_CHOOSE:
+        calibration = _fit("temperature", logits, labels)
+        return "temperature", calibration, calibration.apply(logits), {}
+    fold = _folds(labels)
+    held_out = {m: _out_of_fold(m, logits, labels, fold) for m in METHODS}
+    scores = {m: nll(z, labels) for m, z in held_out.items()}
+    best = min(METHODS, key=lambda m: (scores[m], METHODS.index(m)))
+    return best, _fit(best, logits, labels), held_out[best], scores
 
 
 def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], *,
                           class_counts: Optional[Sequence[float]] = None, split: str = "val") -> Dict[str, Any]:
-    """Calibrate a multi-expert model on a labelled split: BCTS for its ensemble (the mean of the experts' logits)
-    and for each expert, and the prior-estimation shrinkage chosen on the same split
-    (:func:`ncl_hub.priors.select_shrinkage`, test priors over the training order). The shrinkage is chosen on
-    probabilities calibrated out of fold (each half of the split by a map fitted on the other half): EM's error on a
-    test set comes mostly from the calibration's own error, which in-sample probabilities would not show.
+    """Calibrate a multi-expert model on a labelled split, for its ensemble (the mean of the experts' logits) and
+    each expert, and choose the prior-estimation shrinkage there.
+
+    Each model gets the calibration method (``none``, ``temperature`` or ``bcts``) with the lowest NLL out of fold
+    (the split in two stratified halves, each scored by a map fitted on the other), refitted on the whole split:
+    a few hundred validation images can make a per-class bias fit noise, which then costs accuracy. The shrinkage
+    of :func:`ncl_hub.priors.estimate_prior` is chosen (:func:`ncl_hub.priors.select_shrinkage`, test priors over
+    the training order) on the ensemble's out-of-fold probabilities: EM's error on a test set comes mostly from the
+    calibration's own error, which in-sample probabilities would not show.
 
     Args:
         expert_logits: raw logits [K, N, C] of the split (no class prior added).
@@ -277,15 +314,18 @@ def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tenso
 
     Returns:
         a JSON-able dict: ``{"fit_split", "num_samples", "ensemble": Calibration.to_dict(), "experts": [K of
-        them], "prior_shrinkage": a, "shrinkage_l1": {a: mean L1 error}}`` (``NCLModel.set_calibration`` takes it).
+        them], "methods": {"ensemble": m, "experts": [K]}, "held_out_nll": {"ensemble": {method: NLL}},
+        "prior_shrinkage": kappa, "shrinkage_l1": {kappa: mean L1 error}}`` (``NCLModel.set_calibration`` takes
+        it).
     """
     if expert_logits.ndim != 3:
         raise ValueError(f"expert_logits must be [K, N, C], got shape {tuple(expert_logits.shape)}")
-    logits = expert_logits.detach().double()
-    ensemble = fit_bcts(logits.mean(0), labels)
-    experts = [fit_bcts(z, labels) for z in logits]
-    held_out = _out_of_fold(logits.mean(0), labels) if logits.shape[1] >= 40 else ensemble.apply(logits.mean(0))
-    shrinkage, table = select_shrinkage(held_out, labels, class_order_counts=class_counts)
-    return {"fit_split": split, "num_samples": int(logits.shape[1]), "ensemble": ensemble.to_dict(),
-            "experts": [e.to_dict() for e in experts], "prior_shrinkage": shrinkage,
+    logits, y = check_labelled_logits(expert_logits.detach().double().mean(0), labels)
+    method, ensemble, held_out, scores = _choose(logits, y.cpu())
+    experts = [_choose(check_labelled_logits(z.double(), labels)[0], y.cpu())[:2] for z in expert_logits.detach()]
+    shrinkage, table = select_shrinkage(held_out, y, class_order_counts=class_counts)
+    return {"fit_split": split, "num_samples": int(logits.shape[0]), "ensemble": ensemble.to_dict(),
+            "experts": [e.to_dict() for _, e in experts], "prior_shrinkage": shrinkage,
+            "methods": {"ensemble": method, "experts": [m for m, _ in experts]},
+            "held_out_nll": {"ensemble": {m: round(v, 6) for m, v in scores.items()}},
             "shrinkage_l1": {f"{a:g}": round(err, 6) for a, err in table.items()}}

@@ -74,7 +74,7 @@ def test_training_fits_the_calibration_and_exports_carry_it(trained):
     summary = (trained / "eval" / "summary.md").read_text()
     assert "### test: calibration" in summary and "estimated prior" in summary
     card = (trained / "export" / "ensemble" / "README.md").read_text()
-    assert "**Calibration:** bias-corrected temperature scaling" in card
+    assert "**Calibration:** temperature scaling (logits / T) fitted on the val split (16 images)" in card
 
 
 def _colour_batch(model, counts):

@@ -309,13 +309,15 @@ def _calibration_rows(expert_logits: torch.Tensor, labels: torch.Tensor, maps: L
     z = expert_logits.double().cpu()
     z = torch.cat([z, z.mean(0, keepdim=True)])
     present = torch.bincount(labels, minlength=z.shape[-1]) > 0
+    methods = calibration.get("methods") or {}
+    names = list(methods.get("experts") or [None] * (len(maps) - 1)) + [methods.get("ensemble")]
     rows = []
     for k, m in enumerate(maps):
         after = m.apply(z[k])
         rows.append({"nll": calib.nll(z[k], labels), "nll_calibrated": calib.nll(after, labels),
                      "ece": 100 * calib.expected_calibration_error(z[k], labels, num_bins),
                      "ece_calibrated": 100 * calib.expected_calibration_error(after, labels, num_bins),
-                     "temperature": m.temperature})
+                     "temperature": m.temperature, "method": names[k]})
     return {"fit_split": calibration.get("fit_split"), "fitted_on": calibration.get("num_samples"),
             "classes_present": int(present.sum()), "ensemble": rows[-1], "experts": rows[:-1]}
 

@@ -157,12 +157,15 @@ def format_calibration(split: Dict[str, Any], name: str, selected: Optional[int]
     fit = record.get("fit_split")
     where = (f"fitted on the {fit} split ({record.get('fitted_on')} images)" if fit else "fitted earlier")
     note = " This is that split: the numbers after are in-sample." if fit == name else ""
-    lines = [f"Bias-corrected temperature scaling (BCTS: logits / T + b) {where}.{note}", "",
-             "| model | T | NLL | NLL calibrated | ECE | ECE calibrated |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Calibration maps {where}, each model's method chosen by its NLL out of fold (none; temperature: "
+             f"logits / T; bcts: logits / T + b, a bias per class).{note}", "",
+             "| model | method | T | NLL | NLL calibrated | ECE | ECE calibrated |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     rows = [("ensemble", record["ensemble"])] + [
         (f"expert {k}" + (" (selected)" if k == selected else ""), row) for k, row in enumerate(record["experts"])]
     for label, row in rows:
-        lines.append(f"| {label} | {_fmt(row['temperature'], 3)} | {_fmt(row['nll'], 4)} | "
+        lines.append(f"| {label} | {row.get('method') or 'bcts'} | {_fmt(row['temperature'], 3)} | "
+                     f"{_fmt(row['nll'], 4)} | "
                      f"{_fmt(row['nll_calibrated'], 4)} | {_fmt(row['ece'], 2)} | {_fmt(row['ece_calibrated'], 2)} |")
     return "\n".join(lines) + "\n"
 

@@ -290,6 +290,11 @@ def _exported_model(hub_config: Dict[str, Any], run: RunRecord) -> Dict[str, Any
     )
 
 
+_CALIBRATION_METHODS = {"bcts": "bias-corrected temperature scaling (logits / T + b)",
+                        "temperature": "temperature scaling (logits / T)",
+                        "none": "no map (neither a temperature nor a per-class bias lowered the NLL out of fold)"}
+
+
 def _calibration_text(calibration: Optional[dict]) -> Optional[str]:
     """The model's calibration maps in words, or None."""
     if not calibration or not isinstance(calibration.get("ensemble"), dict):
@@ -297,7 +302,8 @@ def _calibration_text(calibration: Optional[dict]) -> Optional[str]:
     ens = calibration["ensemble"]
     fit = calibration.get("fit_split")
     where = f"on the {fit} split ({calibration.get('num_samples')} images)" if fit else "on labelled data"
-    return (f"bias-corrected temperature scaling (logits / T + b) fitted {where}: T = {ens['temperature']:.3f}, NLL "
+    method = _CALIBRATION_METHODS.get((calibration.get("methods") or {}).get("ensemble", "bcts"), "a map")
+    return (f"{method} fitted {where}, chosen by its NLL out of fold: T = {ens['temperature']:.3f}, NLL "
             f"there {_fmt(ens.get('nll_before'), 4)} -> {_fmt(ens.get('nll_after'), 4)}; `model.predict_proba(x)` "
             f"gives the calibrated probabilities, `model.fit_class_prior(images)` estimates the class prior of "
             f"unlabelled images from them (shrinkage {calibration.get('prior_shrinkage', 0):g}, chosen on "
