@@ -321,8 +321,8 @@ def _assert_close_tree(a, b):
 
 
 def test_chunked_computation_matches(monkeypatch):
-    import ncl_hub.evaluate.metrics as metrics
+    import ncl_hub.evaluate.shift as shift
 
     whole = split_metrics(_logits(), torch.tensor(LABELS), COUNTS)
-    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 20)  # (K + 1) * C = 9 -> 2 samples per chunk
+    monkeypatch.setattr(shift, "CHUNK_ELEMENTS", 20)  # (K + 1) * C = 9 -> 2 samples per chunk
     _assert_close_tree(split_metrics(_logits(), torch.tensor(LABELS), COUNTS), whole)

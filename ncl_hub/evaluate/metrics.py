@@ -46,16 +46,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..data.columns import VALIDATION_SPLITS
-from .. import calibration as calib
-from ..calibration import Calibration
 from ..losses import validate_target
-from ..priors import TEST_IMBALANCES, PriorSpec, estimate_prior, long_tailed_prior, logit_adjustment, resolve_prior
-from ..seeding import derive_seed
+from ..priors import TEST_IMBALANCES, PriorSpec, logit_adjustment, resolve_prior
+from . import shift
 
 __all__ = ["GROUPS", "evaluate_predictions", "group_classes", "split_metrics"]
 
 GROUPS = ("many", "medium", "few")
-_CHUNK_ELEMENTS = 1 << 23  # float64 logits per chunk (64 MiB): bounds memory on iNaturalist-sized splits
 
 
 def group_classes(
@@ -141,8 +138,8 @@ def split_metrics(
     ece_edges = _bin_edges(num_bins)
     models, per_class = _model_rows(stats, labels, groups, num_classes, ece_edges)
     expert_top1 = [row["top1"] for row in models[:num_experts]]
-    maps = _calibration_maps(calibration, num_experts)
-    shift = dict(counts=counts, deployed=deployed, strength=prior_strength, imbalances=test_imbalances, maps=maps)
+    maps = shift.calibration_maps(calibration, num_experts)
+    shifted = dict(counts=counts, deployed=deployed, strength=prior_strength, imbalances=test_imbalances, maps=maps)
     out = {
         "num_samples": num_samples,
         "ensemble": models[num_experts],
@@ -152,14 +149,14 @@ def split_metrics(
         "hardest_negative_prob": _hardest_negative_histogram(stats["hardest_negative"], hist_bins),
         "reliability": _reliability(stats, labels, num_experts, ece_edges),
         "per_class_accuracy": {"ensemble": per_class[num_experts], "experts": per_class[:num_experts]},
-        "prior_shift": _prior_shift(expert_logits, labels, **shift),
+        "prior_shift": shift.exact_prior_shift(expert_logits, labels, **shifted),
     }
     if estimate_draws and test_imbalances:
         shrinkage = float((calibration or {}).get("prior_shrinkage") or 0.0)
-        out["prior_shift"] += _estimated_prior_shift(expert_logits, labels, **shift, draws=estimate_draws,
+        out["prior_shift"] += shift.estimated_prior_shift(expert_logits, labels, **shifted, draws=estimate_draws,
                                                      seed=seed, shrinkage=shrinkage)
     if maps is not None:
-        out["calibration"] = _calibration_rows(expert_logits, labels, maps, num_bins, calibration)
+        out["calibration"] = shift.calibration_rows(expert_logits, labels, maps, num_bins, calibration)
     return out
 
 
@@ -235,160 +232,6 @@ def _hardest_negative_histogram(hardest: torch.Tensor, hist_bins: int) -> Dict[s
         "bin_edges": hist_edges.tolist(),
         "counts": torch.bincount(hist_idx, minlength=hist_bins).tolist(),
     }
-
-
-def _prior_shift(expert_logits: torch.Tensor, labels: torch.Tensor, *, counts: torch.Tensor,
-                 deployed: Optional[torch.Tensor], strength: float, imbalances: Sequence[float],
-                 maps: Optional[List[Calibration]]) -> List[Dict[str, Any]]:
-    """Top-1 under shifted test priors (module docstring): per-class hits of every model, as deployed (``raw``)
-    and adjusted to each test prior (``oracle``; calibrated first when ``maps`` are given), weighted by that
-    prior over the classes present in the split.
-
-    ``labels`` [N] on the CPU; ``deployed``: the deployment adjustment [C] or None. Returns the records of
-    :func:`split_metrics`'s ``prior_shift``, by imbalance, then model (ensemble first), then raw / oracle.
-    """
-    imbalances = [float(r) for r in imbalances]
-    if not imbalances:
-        return []
-    num_experts, num_samples, num_classes = expert_logits.shape
-    priors = torch.stack([long_tailed_prior(counts.tolist(), r) for r in imbalances])  # [R, C]
-    zero = torch.zeros(num_classes, dtype=torch.float64)
-    # row 0: as deployed; row 1 + i: adjusted to test prior i (no zero in these priors, so no -inf)
-    shifts = torch.stack([zero if deployed is None else deployed]
-                         + [_or(logit_adjustment(p, strength), zero) for p in priors])  # [1 + R, C]
-    hits = torch.zeros(len(shifts), num_experts + 1, num_classes, dtype=torch.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, (num_experts + 1) * num_classes))
-    for start in range(0, num_samples, chunk):
-        z = expert_logits[:, start:start + chunk].double()
-        z = torch.cat([z, z.mean(0, keepdim=True)]).cpu()  # [K + 1, n, C]
-        calibrated = _apply_maps(z, maps)
-        y = labels[start:start + chunk]
-        for row, shift in enumerate(shifts):
-            correct = (((z if row == 0 else calibrated) + shift).argmax(-1) == y).double()  # [K + 1, n]
-            hits[row].index_add_(1, y, correct)
-    label_counts = torch.bincount(labels, minlength=num_classes).double()
-    present = label_counts > 0
-    accuracy = hits[:, :, present] / label_counts[present]  # [1 + R, K + 1, C_present]
-    weights = priors[:, present] / priors[:, present].sum(-1, keepdim=True)  # renormalised over present classes
-    names = ["ensemble"] + [f"expert {k}" for k in range(num_experts)]
-    order = [num_experts] + list(range(num_experts))
-    records = []
-    for i, r in enumerate(imbalances):
-        for name, m in zip(names, order):
-            for adjusted, row in ((False, 0), (True, 1 + i)):
-                top1 = 100.0 * (weights[i] * accuracy[row, m]).sum().item()
-                records.append({"test_imbalance": r, "model": name, "prior": "oracle" if adjusted else "raw",
-                                "adjusted": adjusted, "top1": top1})
-    return records
-
-
-def _calibration_maps(calibration: Optional[Dict[str, Any]], num_experts: int) -> Optional[List[Calibration]]:
-    """The maps of the K experts and the ensemble (index K), from ``NCLModel.calibration``; an expert without a
-    map of its own gets the identity."""
-    if not calibration:
-        return None
-    ensemble = Calibration.from_dict(calibration["ensemble"])
-    experts = calibration.get("experts") or [None] * num_experts
-    if len(experts) != num_experts:
-        raise ValueError(f"calibration has {len(experts)} expert maps for {num_experts} experts")
-    return [Calibration.from_dict(e) if e else Calibration.identity(ensemble.num_classes) for e in experts] + [
-        ensemble]
-
-
-def _apply_maps(z: torch.Tensor, maps: Optional[List[Calibration]]) -> torch.Tensor:
-    """Logits [K + 1, n, C] (experts, then the ensemble) each through its calibration map (float64)."""
-    if maps is None:
-        return z
-    return torch.stack([m.apply(z[k]) for k, m in enumerate(maps)])
-
-
-def _calibration_rows(expert_logits: torch.Tensor, labels: torch.Tensor, maps: List[Calibration], num_bins: int,
-                      calibration: Dict[str, Any]) -> Dict[str, Any]:
-    """NLL (nats) and ECE (%) of every model on this split before and after its calibration map (raw logits, no
-    class prior), and where the maps were fitted."""
-    z = expert_logits.double().cpu()
-    z = torch.cat([z, z.mean(0, keepdim=True)])
-    present = torch.bincount(labels, minlength=z.shape[-1]) > 0
-    methods = calibration.get("methods") or {}
-    names = list(methods.get("experts") or [None] * (len(maps) - 1)) + [methods.get("ensemble")]
-    rows = []
-    for k, m in enumerate(maps):
-        after = m.apply(z[k])
-        rows.append({"nll": calib.nll(z[k], labels), "nll_calibrated": calib.nll(after, labels),
-                     "ece": 100 * calib.expected_calibration_error(z[k], labels, num_bins),
-                     "ece_calibrated": 100 * calib.expected_calibration_error(after, labels, num_bins),
-                     "temperature": m.temperature, "method": names[k]})
-    return {"fit_split": calibration.get("fit_split"), "fitted_on": calibration.get("num_samples"),
-            "classes_present": int(present.sum()), "ensemble": rows[-1], "experts": rows[:-1]}
-
-
-def _subset_sizes(label_counts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Images per class [C] of the largest subset whose classes follow ``target`` (over the present classes)."""
-    present = label_counts > 0
-    total = torch.min(label_counts[present] / target[present])
-    return torch.floor(total * target).long().clamp(min=0) * present
-
-
-def _estimated_prior_shift(expert_logits: torch.Tensor, labels: torch.Tensor, *, counts: torch.Tensor,
-                           deployed: Optional[torch.Tensor], strength: float, imbalances: Sequence[float],
-                           maps: Optional[List[Calibration]], draws: int, seed: int,
-                           shrinkage: float) -> List[Dict[str, Any]]:
-    """The ``estimated`` records (module docstring): per test imbalance and model, EM on one half of each of
-    ``draws`` subsets that follow the test prior, the other half scored raw, oracle and with the estimate."""
-    num_experts, _, num_classes = expert_logits.shape
-    z = expert_logits.double().cpu()
-    z = torch.cat([z, z.mean(0, keepdim=True)])  # [K + 1, N, C]
-    calibrated = _apply_maps(z, maps)
-    raw = z if deployed is None else z + deployed
-    label_counts = torch.bincount(labels, minlength=num_classes)
-    by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
-    names = ["ensemble"] + [f"expert {k}" for k in range(num_experts)]
-    order = [num_experts] + list(range(num_experts))
-    records = []
-    for i, r in enumerate(float(r) for r in imbalances):
-        target = long_tailed_prior(counts.tolist(), r) * (label_counts > 0)
-        target = target / target.sum()
-        sizes = _subset_sizes(label_counts, target)
-        if int(sizes.sum()) < 2:  # too few images to split into an estimation half and a scored half
-            continue
-        oracle = _shift(target, strength)
-        results = {m: [] for m in order}
-        for d in range(draws):
-            g = torch.Generator().manual_seed(derive_seed(seed, i, d))
-            chosen = torch.cat([idx[torch.randperm(len(idx), generator=g)[:n]] for idx, n in zip(by_class, sizes)])
-            chosen = chosen[torch.randperm(len(chosen), generator=g)]
-            half_a, half_b = chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]
-            for m in order:
-                estimate = estimate_prior(calibrated[m, half_a], shrinkage=shrinkage).prior
-                scored = calibrated[m, half_b]
-                y = labels[half_b]
-                results[m].append([
-                    _top1(raw[m, half_b], y), _top1(scored + oracle, y),
-                    _top1(scored + _shift(estimate, strength), y),
-                    (estimate - target).abs().sum().item()])
-        for name, m in zip(names, order):
-            t = torch.tensor(results[m], dtype=torch.float64)  # [draws, 4]: raw, oracle, estimated, L1
-            std = t.std(0) if draws > 1 else torch.zeros(4, dtype=torch.float64)
-            records.append({"test_imbalance": r, "model": name, "prior": "estimated", "adjusted": True,
-                            "top1": t[:, 2].mean().item(), "top1_std": std[2].item(),
-                            "raw_top1": t[:, 0].mean().item(), "oracle_top1": t[:, 1].mean().item(),
-                            "prior_l1": t[:, 3].mean().item(), "prior_l1_std": std[3].item(), "draws": draws,
-                            "estimated_from": len(half_a), "num_samples": len(half_b), "shrinkage": shrinkage})
-    return records
-
-
-def _shift(prior: torch.Tensor, strength: float) -> Any:
-    """``tau * log(pi)`` [C] to add to logits, or 0 when nothing is added."""
-    adjustment = logit_adjustment(prior, strength)
-    return 0.0 if adjustment is None else adjustment
-
-
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(-1) == labels).double().mean().item() if labels.numel() else float("nan")
-
-
-def _or(value: Optional[torch.Tensor], default: torch.Tensor) -> torch.Tensor:
-    return default if value is None else value
 
 
 def evaluate_predictions(
@@ -489,7 +332,7 @@ def _sample_stats(expert_logits: torch.Tensor, labels: torch.Tensor,
     k != q of KL(p_k || p_q). Processed in chunks of samples to bound float64 memory.
     """
     num_experts, num_samples, num_classes = expert_logits.shape
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, (num_experts + 1) * num_classes))
+    chunk = max(1, shift.CHUNK_ELEMENTS // max(1, (num_experts + 1) * num_classes))
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("pred", "conf", "nll", "hardest_negative", "pairwise_kl")}
     for start in range(0, num_samples, chunk):
         z = expert_logits[:, start:start + chunk].double()
