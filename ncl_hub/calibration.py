@@ -25,6 +25,7 @@ Shapes: N samples, C classes, M confidence bins.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -33,9 +34,11 @@ import torch
 
 from .priors import check_labelled_logits, check_prior, select_shrinkage
 
-__all__ = ["Calibration", "fit_bcts", "fit_model_calibration", "nll", "expected_calibration_error"]
+__all__ = ["Calibration", "METHODS", "fit_bcts", "fit_model_calibration", "nll", "expected_calibration_error"]
 
-_FIELDS = ("temperature", "bias", "fitted_on", "nll_before", "nll_after")
+METHODS = ("none", "temperature", "bcts")
+
+_FIELDS = ("temperature", "bias", "fitted_on", "nll_before", "nll_after", "method", "prior_shrinkage")
 
 
 def _is_number(value: Any) -> bool:
@@ -53,6 +56,10 @@ class Calibration:
         nll_before: mean NLL (nats) of the fit split before calibration, under the fit split's prior
             (``log_softmax(z + log pi_fit)``); None when not fitted.
         nll_after: the same after calibration (``log_softmax(z / T + b + log pi_fit)``, without the ridge).
+        method: ``"bcts"``, ``"temperature"`` (b = 0) or ``"none"`` (the identity), as chosen by
+            :func:`fit_model_calibration`.
+        prior_shrinkage: the shrinkage of :func:`ncl_hub.priors.estimate_prior` chosen for this model's calibrated
+            probabilities (None: not chosen).
     """
 
     temperature: float
@@ -60,6 +67,8 @@ class Calibration:
     fitted_on: int = 0
     nll_before: Optional[float] = None
     nll_after: Optional[float] = None
+    method: str = "bcts"
+    prior_shrinkage: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
@@ -73,6 +82,11 @@ class Calibration:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or math.isnan(value) or value < 0):
                 raise ValueError(f"{name} must be None or a number >= 0, got {value!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        kappa = self.prior_shrinkage
+        if kappa is not None and (not _is_number(kappa) or not math.isfinite(kappa) or kappa < 0):
+            raise ValueError(f"prior_shrinkage must be None or a finite number >= 0, got {self.prior_shrinkage!r}")
         self.temperature = float(self.temperature)
         self.bias = [float(b) for b in self.bias]
 
@@ -108,7 +122,8 @@ class Calibration:
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain Python numbers (None for missing diagnostics), ready for JSON."""
         return {"temperature": self.temperature, "bias": list(self.bias), "fitted_on": self.fitted_on,
-                "nll_before": self.nll_before, "nll_after": self.nll_after}
+                "nll_before": self.nll_before, "nll_after": self.nll_after, "method": self.method,
+                "prior_shrinkage": self.prior_shrinkage}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], num_classes: Optional[int] = None) -> "Calibration":
@@ -246,7 +261,6 @@ def expected_calibration_error(logits: torch.Tensor, labels: Union[torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------- a model
-METHODS = ("none", "temperature", "bcts")
 BIAS_PRIOR_SD = 0.5  # a Gaussian prior on each class bias (logits): a ridge 1 / (2 sd^2 N) on the mean NLL
 MIN_SAMPLES_TO_CHOOSE = 40  # fewer labelled images: temperature scaling, no choice
 
@@ -256,9 +270,10 @@ def _fit(method: str, logits: torch.Tensor, labels: torch.Tensor) -> Calibration
     ``temperature`` (T only) or ``bcts`` (T and a bias per class, the bias regularised by ``BIAS_PRIOR_SD``)."""
     if method == "none":
         before = fit_bcts(logits, labels, max_iter=1, bias=False).nll_before
-        return Calibration(1.0, [0.0] * logits.shape[1], fitted_on=len(labels), nll_before=before, nll_after=before)
+        return Calibration(1.0, [0.0] * logits.shape[1], fitted_on=len(labels), nll_before=before, nll_after=before,
+                           method="none")
     if method == "temperature":
-        return fit_bcts(logits, labels, bias=False)
+        return dataclasses.replace(fit_bcts(logits, labels, bias=False), method="temperature")
     return fit_bcts(logits, labels, l2=1.0 / (2 * BIAS_PRIOR_SD ** 2 * len(labels)))
 
 
@@ -281,30 +296,38 @@ def _out_of_fold(method: str, logits: torch.Tensor, labels: torch.Tensor, fold: 
     return out
 
 
-def _choose(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[str, Calibration, torch.Tensor, Dict[str, float]]:
-    """The method with the lowest out-of-fold NLL (a map that does not generalise from half the split to the other
-    half is not used), its map fitted on the whole split, its out-of-fold logits and every method's NLL."""
+def _choose(logits: torch.Tensor, labels: torch.Tensor, class_counts: Optional[Sequence[float]]
+            ) -> Tuple[Calibration, Dict[str, Dict[str, float]]]:
+    """The calibration method and prior-estimation shrinkage whose probabilities, calibrated out of fold, estimate
+    shifted priors of the split best (lowest mean L1 error, :func:`ncl_hub.priors.select_shrinkage`; a simpler method
+    among equals), its map refitted on the whole split; and each method's out-of-fold NLL and L1 error."""
     if len(labels) < MIN_SAMPLES_TO_CHOOSE:
         calibration = _fit("temperature", logits, labels)
-        return "temperature", calibration, calibration.apply(logits), {}
+        shrinkage, _ = select_shrinkage(calibration.apply(logits), labels, class_order_counts=class_counts)
+        return dataclasses.replace(calibration, prior_shrinkage=shrinkage), {}
     fold = _folds(labels)
-    held_out = {m: _out_of_fold(m, logits, labels, fold) for m in METHODS}
-    scores = {m: nll(z, labels) for m, z in held_out.items()}
-    best = min(METHODS, key=lambda m: (scores[m], METHODS.index(m)))
-    return best, _fit(best, logits, labels), held_out[best], scores
+    scores: Dict[str, Dict[str, float]] = {}
+    for method in METHODS:
+        held_out = _out_of_fold(method, logits, labels, fold)
+        shrinkage, table = select_shrinkage(held_out, labels, class_order_counts=class_counts)
+        scores[method] = {"nll": nll(held_out, labels), "prior_l1": table[shrinkage], "shrinkage": shrinkage}
+    best = min(METHODS, key=lambda m: (round(scores[m]["prior_l1"], 6), METHODS.index(m)))
+    return dataclasses.replace(_fit(best, logits, labels), prior_shrinkage=scores[best]["shrinkage"]), scores
 
 
 def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], *,
                           class_counts: Optional[Sequence[float]] = None, split: str = "val") -> Dict[str, Any]:
     """Calibrate a multi-expert model on a labelled split, for its ensemble (the mean of the experts' logits) and
-    each expert, and choose the prior-estimation shrinkage there.
+    each expert: a calibration method (``none``, ``temperature`` or ``bcts``) and the shrinkage of the prior
+    estimate, chosen together.
 
-    Each model gets the calibration method (``none``, ``temperature`` or ``bcts``) with the lowest NLL out of fold
-    (the split in two stratified halves, each scored by a map fitted on the other), refitted on the whole split:
-    a few hundred validation images can make a per-class bias fit noise, which then costs accuracy. The shrinkage
-    of :func:`ncl_hub.priors.estimate_prior` is chosen (:func:`ncl_hub.priors.select_shrinkage`, test priors over
-    the training order) on the ensemble's out-of-fold probabilities: EM's error on a test set comes mostly from the
-    calibration's own error, which in-sample probabilities would not show.
+    The choice is what the calibration is for here, estimating a deployment's class prior: the split is cut in two
+    stratified halves, each calibrated by the method fitted on the other half, and the method and shrinkage whose
+    out-of-fold probabilities estimate the split's resampled shifted priors with the lowest L1 error win
+    (:func:`ncl_hub.priors.select_shrinkage`, test priors over the training order). Out of fold matters: EM's error
+    on a test set comes mostly from the calibration's own error, which in-sample probabilities would not show, and
+    the out-of-fold NLL alone can prefer no calibration where a per-class bias is what EM needs. The winner is
+    refitted on the whole split.
 
     Args:
         expert_logits: raw logits [K, N, C] of the split (no class prior added).
@@ -314,18 +337,16 @@ def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tenso
 
     Returns:
         a JSON-able dict: ``{"fit_split", "num_samples", "ensemble": Calibration.to_dict(), "experts": [K of
-        them], "methods": {"ensemble": m, "experts": [K]}, "held_out_nll": {"ensemble": {method: NLL}},
-        "prior_shrinkage": kappa, "shrinkage_l1": {kappa: mean L1 error}}`` (``NCLModel.set_calibration`` takes
-        it).
+        them], "methods": {"ensemble": m, "experts": [K]}, "prior_shrinkage": the ensemble's, "held_out":
+        {"ensemble": {method: {"nll", "prior_l1", "shrinkage"}}}}`` (``NCLModel.set_calibration`` takes it).
     """
     if expert_logits.ndim != 3:
         raise ValueError(f"expert_logits must be [K, N, C], got shape {tuple(expert_logits.shape)}")
     logits, y = check_labelled_logits(expert_logits.detach().double().mean(0), labels)
-    method, ensemble, held_out, scores = _choose(logits, y.cpu())
-    experts = [_choose(check_labelled_logits(z.double(), labels)[0], y.cpu())[:2] for z in expert_logits.detach()]
-    shrinkage, table = select_shrinkage(held_out, y, class_order_counts=class_counts)
+    y = y.cpu()
+    ensemble, scores = _choose(logits, y, class_counts)
+    experts = [_choose(check_labelled_logits(z.double(), y)[0], y, class_counts)[0] for z in expert_logits.detach()]
     return {"fit_split": split, "num_samples": int(logits.shape[0]), "ensemble": ensemble.to_dict(),
-            "experts": [e.to_dict() for _, e in experts], "prior_shrinkage": shrinkage,
-            "methods": {"ensemble": method, "experts": [m for m, _ in experts]},
-            "held_out_nll": {"ensemble": {m: round(v, 6) for m, v in scores.items()}},
-            "shrinkage_l1": {f"{a:g}": round(err, 6) for a, err in table.items()}}
+            "experts": [e.to_dict() for e in experts], "prior_shrinkage": ensemble.prior_shrinkage,
+            "methods": {"ensemble": ensemble.method, "experts": [e.method for e in experts]},
+            "held_out": {"ensemble": {m: {k: round(v, 6) for k, v in row.items()} for m, row in scores.items()}}}

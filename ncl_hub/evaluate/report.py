@@ -157,8 +157,9 @@ def format_calibration(split: Dict[str, Any], name: str, selected: Optional[int]
     fit = record.get("fit_split")
     where = (f"fitted on the {fit} split ({record.get('fitted_on')} images)" if fit else "fitted earlier")
     note = " This is that split: the numbers after are in-sample." if fit == name else ""
-    lines = [f"Calibration maps {where}, each model's method chosen by its NLL out of fold (none; temperature: "
-             f"logits / T; bcts: logits / T + b, a bias per class).{note}", "",
+    lines = [f"Calibration maps {where}, each model's method (none; temperature: logits / T; bcts: logits / T + b, a "
+             f"bias per class) chosen with the prior-estimation shrinkage for the best estimates out of fold.{note}",
+             "",
              "| model | method | T | NLL | NLL calibrated | ECE | ECE calibrated |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rows = [("ensemble", record["ensemble"])] + [

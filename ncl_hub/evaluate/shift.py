@@ -93,15 +93,14 @@ def calibration_rows(expert_logits: torch.Tensor, labels: torch.Tensor, maps: Li
     z = expert_logits.double().cpu()
     z = torch.cat([z, z.mean(0, keepdim=True)])
     present = torch.bincount(labels, minlength=z.shape[-1]) > 0
-    methods = calibration.get("methods") or {}
-    names = list(methods.get("experts") or [None] * (len(maps) - 1)) + [methods.get("ensemble")]
     rows = []
     for k, m in enumerate(maps):
         after = m.apply(z[k])
         rows.append({"nll": calib.nll(z[k], labels), "nll_calibrated": calib.nll(after, labels),
                      "ece": 100 * calib.expected_calibration_error(z[k], labels, num_bins),
                      "ece_calibrated": 100 * calib.expected_calibration_error(after, labels, num_bins),
-                     "temperature": m.temperature, "method": names[k]})
+                     "temperature": m.temperature, "method": m.method,
+                     "prior_shrinkage": m.prior_shrinkage})
     return {"fit_split": calibration.get("fit_split"), "fitted_on": calibration.get("num_samples"),
             "classes_present": int(present.sum()), "ensemble": rows[-1], "experts": rows[:-1]}
 
@@ -143,7 +142,8 @@ def estimated_prior_shift(expert_logits: torch.Tensor, labels: torch.Tensor, *, 
             chosen = chosen[torch.randperm(len(chosen), generator=g)]
             half_a, half_b = chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]
             for m in order:
-                estimate = estimate_prior(calibrated[m, half_a], shrinkage=shrinkage).prior
+                kappa = shrinkage if maps is None or maps[m].prior_shrinkage is None else maps[m].prior_shrinkage
+                estimate = estimate_prior(calibrated[m, half_a], shrinkage=kappa).prior
                 scored = calibrated[m, half_b]
                 y = labels[half_b]
                 results[m].append([
@@ -157,7 +157,9 @@ def estimated_prior_shift(expert_logits: torch.Tensor, labels: torch.Tensor, *, 
                             "top1": t[:, 2].mean().item(), "top1_std": std[2].item(),
                             "raw_top1": t[:, 0].mean().item(), "oracle_top1": t[:, 1].mean().item(),
                             "prior_l1": t[:, 3].mean().item(), "prior_l1_std": std[3].item(), "draws": draws,
-                            "estimated_from": len(half_a), "num_samples": len(half_b), "shrinkage": shrinkage})
+                            "estimated_from": len(half_a), "num_samples": len(half_b),
+                            "shrinkage": shrinkage if maps is None or maps[m].prior_shrinkage is None
+                            else maps[m].prior_shrinkage})
     return records
 
 

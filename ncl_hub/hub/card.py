@@ -302,11 +302,13 @@ def _calibration_text(calibration: Optional[dict]) -> Optional[str]:
     ens = calibration["ensemble"]
     fit = calibration.get("fit_split")
     where = f"on the {fit} split ({calibration.get('num_samples')} images)" if fit else "on labelled data"
-    method = _CALIBRATION_METHODS.get((calibration.get("methods") or {}).get("ensemble", "bcts"), "a map")
-    return (f"{method} fitted {where}, chosen by its NLL out of fold: T = {ens['temperature']:.3f}, NLL "
+    method = _CALIBRATION_METHODS.get(ens.get("method") or "bcts", "a map")
+    kappa = _first(ens.get("prior_shrinkage"), calibration.get("prior_shrinkage"), 0)
+    return (f"{method} fitted {where}, chosen with the shrinkage for the best prior estimates out of fold: "
+            f"T = {ens['temperature']:.3f}, NLL "
             f"there {_fmt(ens.get('nll_before'), 4)} -> {_fmt(ens.get('nll_after'), 4)}; `model.predict_proba(x)` "
             f"gives the calibrated probabilities, `model.fit_class_prior(images)` estimates the class prior of "
-            f"unlabelled images from them (shrinkage {calibration.get('prior_shrinkage', 0):g}, chosen on "
+            f"unlabelled images from them (shrinkage {kappa:g}, chosen on "
             f"{fit or 'that split'})")
 
 

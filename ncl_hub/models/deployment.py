@@ -204,8 +204,8 @@ class Deployment:
             images: a tensor [N, 3, H, W] (already transformed), or batches of them (a DataLoader yielding tensors
                 or dicts with ``"pixel_values"``).
             logits: instead of images, their raw ensemble logits [N, C] (e.g. kept from a prediction pass).
-            shrinkage: Dirichlet pseudo-count per class (None: the one chosen on validation data at calibration,
-                else 0).
+            shrinkage: the weight of a uniform prior as a share of the images (None: the one chosen on validation
+                data with the calibration, else 0).
             batch_size: images per forward pass when ``images`` is one tensor.
             tol, max_iter: EM's stopping rule.
         """
@@ -213,7 +213,9 @@ class Deployment:
             raise ValueError("give either images or logits")
         z = logits if logits is not None else self._logits_of(images, batch_size)
         if shrinkage is None:
-            shrinkage = float((self.calibration or {}).get("prior_shrinkage") or 0.0)
+            ensemble = (self.calibration or {}).get("ensemble") or {}
+            shrinkage = float(_first(ensemble.get("prior_shrinkage"), (self.calibration or {}).get("prior_shrinkage"),
+                                     0.0))
         return estimate_prior(self.calibrate(z), shrinkage=shrinkage, tol=tol, max_iter=max_iter)
 
     def fit_class_prior(self, images: Optional[ImagesLike] = None, *, logits: Optional[torch.Tensor] = None,
@@ -245,3 +247,7 @@ class Deployment:
         if self.calibration:
             args["calibration"] = dict(self.calibration)
         return args
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

@@ -395,7 +395,7 @@ def _finish(run: _Run, argv: Optional[List[str]]) -> Dict[str, Any]:
 
 
 def _calibrate(run: _Run, best: NCLModel, predictions: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """BCTS maps of the best model's ensemble and experts, and the prior-estimation shrinkage, fitted on the
+    """Calibration maps of the best model's ensemble and experts, and the prior-estimation shrinkage, fitted on the
     validation split; set on the model and saved with best/ (and so with every export). None without validation."""
     if "val" not in run.eval_loaders:
         run.accelerator.print("calibration: none (no validation split to fit it on)")
@@ -407,7 +407,7 @@ def _calibrate(run: _Run, best: NCLModel, predictions: Dict[str, Any]) -> Option
         hub.save_pretrained(best, run.output_dir / "best", variant="ensemble", config=config_to_dict(run.cfg),
                             class_names=run.data.class_names, class_counts=run.data.class_counts)
     ens = calibration["ensemble"]
-    run.accelerator.print(f"calibration: BCTS fitted on val ({calibration['num_samples']} images): ensemble T = "
+    run.accelerator.print(f"calibration: {ens['method']} fitted on val ({calibration['num_samples']} images): T = "
                           f"{ens['temperature']:.3f}, NLL {ens['nll_before']:.4f} -> {ens['nll_after']:.4f}; prior "
                           f"estimation shrinkage {calibration['prior_shrinkage']:g}")
     run.accelerator.wait_for_everyone()
