@@ -263,6 +263,7 @@ def expected_calibration_error(logits: torch.Tensor, labels: Union[torch.Tensor,
 # ---------------------------------------------------------------------------------------------- a model
 BIAS_PRIOR_SD = 0.5  # a Gaussian prior on each class bias (logits): a ridge 1 / (2 sd^2 N) on the mean NLL
 MIN_SAMPLES_TO_CHOOSE = 40  # fewer labelled images: temperature scaling, no choice
+CHOICE_GRID = {"sample_sizes": (500,), "draws": 2}  # the resampled priors the methods are compared on (11 x 1 x 2 sets)
 
 
 def _fit(method: str, logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
@@ -307,12 +308,16 @@ def _choose(logits: torch.Tensor, labels: torch.Tensor, class_counts: Optional[S
         return dataclasses.replace(calibration, prior_shrinkage=shrinkage), {}
     fold = _folds(labels)
     scores: Dict[str, Dict[str, float]] = {}
-    for method in METHODS:
-        held_out = _out_of_fold(method, logits, labels, fold)
-        shrinkage, table = select_shrinkage(held_out, labels, class_order_counts=class_counts)
-        scores[method] = {"nll": nll(held_out, labels), "prior_l1": table[shrinkage], "shrinkage": shrinkage}
+    held_out = {}
+    for method in METHODS:  # compared on a smaller resampling grid (the full one costs 7.5 times as much)
+        held_out[method] = _out_of_fold(method, logits, labels, fold)
+        shrinkage, table = select_shrinkage(held_out[method], labels, class_order_counts=class_counts,
+                                            **CHOICE_GRID)
+        scores[method] = {"nll": nll(held_out[method], labels), "prior_l1": table[shrinkage],
+                          "shrinkage": shrinkage}
     best = min(METHODS, key=lambda m: (round(scores[m]["prior_l1"], 6), METHODS.index(m)))
-    return dataclasses.replace(_fit(best, logits, labels), prior_shrinkage=scores[best]["shrinkage"]), scores
+    shrinkage, _ = select_shrinkage(held_out[best], labels, class_order_counts=class_counts)  # the winner's, in full
+    return dataclasses.replace(_fit(best, logits, labels), prior_shrinkage=shrinkage), scores
 
 
 def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tensor, Sequence[int]], *,
@@ -326,8 +331,9 @@ def fit_model_calibration(expert_logits: torch.Tensor, labels: Union[torch.Tenso
     out-of-fold probabilities estimate the split's resampled shifted priors with the lowest L1 error win
     (:func:`ncl_hub.priors.select_shrinkage`, test priors over the training order). Out of fold matters: EM's error
     on a test set comes mostly from the calibration's own error, which in-sample probabilities would not show, and
-    the out-of-fold NLL alone can prefer no calibration where a per-class bias is what EM needs. The winner is
-    refitted on the whole split.
+    the out-of-fold NLL alone can prefer no calibration where a per-class bias is what EM needs. The methods are
+    compared on a smaller resampling grid (``CHOICE_GRID``: 500 samples, 2 draws per prior); the winner's shrinkage
+    is then chosen on the full grid, and its map refitted on the whole split.
 
     Args:
         expert_logits: raw logits [K, N, C] of the split (no class prior added).
