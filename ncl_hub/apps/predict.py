@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import torch
+from accelerate import Accelerator
 
 from .. import files, hub
 from ..config import ConfigError
@@ -158,7 +159,7 @@ def _raw_logits(model: NCLModel, images: datasets.Dataset, opts: PredictOptions,
     unreadable ones as ``[(name, reason)]``."""
     from tqdm.auto import tqdm
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = Accelerator().device  # Accelerate places the model (CPU, one GPU, MPS), as in evaluate
     model.to(device)
     cfg = model.pretrained_cfg
     shape = (3, *tuple(cfg.get("input_size", (3, 224, 224)))[-2:])
