@@ -188,8 +188,8 @@ def _render_curves(record: Dict[str, Any], points: int = 6) -> List[str]:
     any_runs = [r for m in record["methods"].values() for r in m["runs"].values() if r["history"]]
     if not any_runs:
         return []
-    epochs = max(len(r["history"]) for r in any_runs)
-    lengths = {len(r["history"]) for r in any_runs}  # each schedule's last epoch too, where lengths differ
+    lengths = {len(r["history"]) for r in any_runs}  # each schedule's last epoch is a column too
+    epochs = max(lengths)
     marks = sorted({max(1, round(epochs * i / points)) for i in range(1, points + 1)} | {1} | lengths)
     lines = ["Training curves, mean over seeds: validation ensemble top-1 (%) / mean training loss per expert at "
              "the end of each epoch shown:", "",
