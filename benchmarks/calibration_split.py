@@ -1,17 +1,18 @@
 """How much of the estimated prior's error near the balanced mix comes from the calibration split: for finished
-training runs, the prior of half of the balanced test split is estimated by EM, and that half is scored, with the
-calibration fitted as deployed (on the run's validation split) and, for the diagnosis only, with BCTS fitted on the
-other half of the test split (its labels used: a large calibration split from the test distribution).
+training runs, the calibration (method and prior-estimation shrinkage, ``fit_model_calibration``) is fitted as
+deployed, on the run's validation split, and, for the diagnosis only, on the even-indexed half of the test split
+(its labels used: a larger calibration split drawn from the test distribution). Each is then scored as the
+deployment study scores r = 1 (``estimated_prior_shift``), on the odd-indexed test half: balanced subsets drawn,
+the prior estimated by EM on one half of each, the other half scored with the estimate.
 
     python benchmarks/calibration_split.py outputs/studies/schedule_cifar10_lt/ncl_nohard_e60/seed_0 [RUN ...]
 
-Prints, per run and model (the ensemble, and the expert selected on validation): the accuracy of the scored half
-raw and with the estimated prior, and the L1 error of the estimate (sum over classes of |estimated - true|).
+Prints, per run and model (the ensemble, and the expert selected on validation): the accuracy raw and with the
+estimated prior (means over the draws), and the L1 error of the estimate (sum over classes of |estimated - true|).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,66 +21,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from accelerate import Accelerator  # noqa: E402
 
-from ncl_hub import hub  # noqa: E402
-from ncl_hub.calibration import Calibration, fit_bcts, fit_model_calibration  # noqa: E402
-from ncl_hub.config import load_config  # noqa: E402
-from ncl_hub.data import build_data, build_eval_loader  # noqa: E402
-from ncl_hub.evaluate import predict  # noqa: E402
-from ncl_hub.priors import estimate_prior  # noqa: E402
-
-
-def run_logits(run: Path):
-    """Raw expert logits [K, N, C] and labels of the run's validation and test splits, and its run_info."""
-    cfg = load_config(run / "config.yaml")
-    model = hub.load_model(str(run / "best"))
-    model.set_class_prior(None)
-    data = build_data(cfg, check=["val", "test"])
-    accelerator = Accelerator()
-    model.to(accelerator.device)
-    out = {}
-    for name, split in (("val", data.val), ("test", data.test)):
-        loader = build_eval_loader(cfg, split, model.pretrained_cfg, 0, split=name)
-        out[name] = predict(model, accelerator.prepare(loader), accelerator)
-    return out, json.loads((run / "run_info.json").read_text())
-
-
-def scored(z: torch.Tensor, y: torch.Tensor, calibration: Calibration, shrinkage: float):
-    """(top-1 with the prior estimated on these logits, L1 error of the estimate)."""
-    zc = calibration.apply(z)
-    prior = estimate_prior(zc, shrinkage=shrinkage).prior
-    true = torch.bincount(y, minlength=z.shape[1]).double() / y.numel()
-    top1 = ((zc + prior.log()).argmax(1) == y).double().mean().item() * 100
-    return top1, (prior - true).abs().sum().item()
+from ncl_hub.apps.evaluate import open_run, predict_splits  # noqa: E402
+from ncl_hub.calibration import fit_model_calibration  # noqa: E402
+from ncl_hub.evaluate.shift import calibration_maps, estimated_prior_shift  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="training output folders (config.yaml, best/)")
+    parser.add_argument("--draws", type=int, default=5, help="balanced subsets drawn from the scored half")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
     print("| run | model | calibration fitted on | raw top-1 | estimated top-1 | estimated - raw | L1 error |")
     print("|---|---|---|---:|---:|---:|---:|")
-    for run in args.runs:
-        logits, info = run_logits(run)
-        calibration = fit_model_calibration(*logits["val"], split="val", class_counts=info.get("class_counts"))
-        zt, yt = logits["test"]
-        yt = yt.long()
-        scored_half = torch.arange(yt.numel()) % 2 == 1
-        z_val_models = [("ensemble", zt.double().mean(0), calibration["ensemble"])] if zt.shape[0] > 1 else []
-        sel = int(info.get("selected_expert") or 0)
-        z_val_models.append((f"expert {sel}", zt[sel].double(), calibration["experts"][sel]))
-        for model, z, fitted in z_val_models:
-            zs, ys = z[scored_half], yt[scored_half]
-            raw = (zs.argmax(1) == ys).double().mean().item() * 100
-            rows = [(f"val ({calibration['num_samples']} images)", Calibration.from_dict(fitted),
-                     fitted["prior_shrinkage"]),
-                    (f"other test half ({int((~scored_half).sum())} images)",
-                     fit_bcts(z[~scored_half], yt[~scored_half]), 0.0)]
-            for where, cal, shrinkage in rows:
-                top1, l1 = scored(zs, ys, cal, shrinkage)
-                print(f"| {run} | {model} | {where} | {raw:.2f} | {top1:.2f} | {top1 - raw:+.2f} | {l1:.3f} |")
+    for path in args.runs:
+        run = open_run(path, ["val", "test"])
+        predictions = predict_splits(run, ["val", "test"], accelerator)
+        z, y = predictions["test"]
+        y = y.long().cpu()
+        odd = torch.arange(y.numel()) % 2 == 1
+        fits = [("val", predictions["val"]), ("even test half", (z[:, ~odd], y[~odd]))]
+        num_experts = z.shape[0]
+        names = (["ensemble"] if num_experts > 1 else []) + [f"expert {run.selected_expert or 0}"]
+        for where, (z_fit, y_fit) in fits:
+            calibration = fit_model_calibration(z_fit, y_fit, split=where, class_counts=run.class_counts)
+            records = estimated_prior_shift(
+                z[:, odd], y[odd], counts=torch.tensor(run.class_counts, dtype=torch.float64), deployed=None,
+                strength=1.0, imbalances=[1.0], maps=calibration_maps(calibration, num_experts),
+                draws=args.draws, seed=args.seed, shrinkage=0.0)
+            for rec in (r for r in records if r["model"] in names):
+                print(f"| {path} | {rec['model']} | {where} ({calibration['num_samples']} images) "
+                      f"| {rec['raw_top1']:.2f} | {rec['top1']:.2f} | {rec['top1'] - rec['raw_top1']:+.2f} "
+                      f"| {rec['prior_l1']:.3f} |")
 
 
 if __name__ == "__main__":

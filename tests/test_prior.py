@@ -455,3 +455,27 @@ def test_evaluate_recipe_prior_from_file_and_from_the_export(trained_run, tmp_pa
     assert from_export["class_prior"] == "train"
     assert from_export["splits"]["test"]["prior_shift"] == from_flag["splits"]["test"]["prior_shift"]
     assert from_export["splits"]["test"]["ensemble"] == from_flag["splits"]["test"]["ensemble"]
+
+
+def test_open_run_gives_the_raw_predictions_that_evaluate_scores(trained_run, tmp_path):
+    import yaml
+    from accelerate import Accelerator
+
+    from ncl_hub.apps.evaluate import open_run, predict_splits
+
+    run, metrics = trained_run
+    saved = open_run(run, ["val", "test"])
+    assert len(saved.class_counts) == saved.model.num_classes and sum(saved.class_counts) == len(saved.data.train)
+    z, y = predict_splits(saved, ["test"], Accelerator())["test"]
+    assert z.shape[:2] == (saved.model.num_experts, len(saved.data.test))
+    top1 = 100 * (z.double().mean(0).argmax(1) == y).double().mean().item()
+    assert top1 == pytest.approx(metrics["splits"]["test"]["ensemble"]["top1"])
+    # a model saved with a deployment prior still predicts raw logits (the prior stays on the model)
+    model = hub.load_model(run / "export" / "ensemble").set_class_prior("train")
+    config = yaml.safe_load((run / "export" / "ensemble" / "training_config.yaml").read_text())
+    deployed = open_run(hub.save_pretrained(model, tmp_path / "deployed", config=config), ["test"])
+    assert deployed.model.class_prior == "train"
+    z_deployed, y_deployed = predict_splits(deployed, ["test"], Accelerator())["test"]
+    assert torch.equal(y_deployed, y) and torch.allclose(z_deployed, z, atol=1e-5)
+    with pytest.raises(ConfigError, match="split 'holdout' is not available; have"):
+        predict_splits(saved, ["holdout"], Accelerator())

@@ -18,7 +18,7 @@ from ..evaluate import evaluate_predictions, format_summary, predict, record_abs
 from ..models import WeightsUnavailableError
 from ..priors import check_prior_strength, load_prior_file, resolve_prior
 
-__all__ = ["EvaluateOptions", "evaluate_run"]
+__all__ = ["EvaluateOptions", "SavedRun", "evaluate_run", "open_run", "predict_splits"]
 
 
 @dataclass
@@ -64,35 +64,20 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
     in place of the model's own; the calibrated and estimated-prior numbers then use it.
     """
     path = Path(path)
-    cfg, model_dir = _saved_run(path)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    counts = _read_run_json(model_dir / "config.json").get("ncl", {}).get("class_counts")
-    model = _load_for_evaluation(model_dir)
     splits = list(splits or ["test"])
-    data = build_data(cfg, check=splits + ([calibrate_on] if calibrate_on else []))  # their images checked first
-    prior, strength = _evaluation_prior(model, class_prior, prior_strength, counts or data.class_counts)
-    model.set_class_prior(None)  # raw logits; evaluate_predictions adds the prior
-    run_info = path / "run_info.json"
-    selected = 0 if model.num_experts == 1 else (
-        _read_run_json(run_info).get("selected_expert") if run_info.is_file() else None)
+    needed = list(dict.fromkeys(splits + ([calibrate_on] if calibrate_on else [])))
+    run = open_run(path, needed, overrides=overrides)  # the images of every split needed checked first
+    model, counts = run.model, run.class_counts
+    prior, strength = _evaluation_prior(model, class_prior, prior_strength, counts)
     accelerator = Accelerator()
-    model.to(accelerator.device)
-    available = {"train": data.train, "val": data.val, "test": data.test}
-    predictions = {}
-    for name in dict.fromkeys(splits + ([calibrate_on] if calibrate_on else [])):
-        if available.get(name) is None:
-            have = [k for k, v in available.items() if v is not None]
-            raise ConfigError(f"split {name!r} is not available; have {have}")
-        loader = build_eval_loader(cfg, available[name], model.pretrained_cfg, batch_size or 0, split=name)
-        predictions[name] = predict(model, accelerator.prepare(loader), accelerator)
+    predictions = predict_splits(run, needed, accelerator, batch_size=batch_size)
     if calibrate_on:
         model.set_calibration(fit_model_calibration(*predictions[calibrate_on], split=calibrate_on,
-                                                    class_counts=counts or data.class_counts))
+                                                    class_counts=counts))
     predictions = {name: predictions[name] for name in splits}
-    metrics = evaluate_predictions(predictions, counts or data.class_counts, selected_expert=selected,
+    metrics = evaluate_predictions(predictions, counts, selected_expert=run.selected_expert,
                                    class_prior=prior, prior_strength=strength, calibration=model.calibration)
-    for line in record_absent_classes(metrics, available, data.class_names):
+    for line in record_absent_classes(metrics, run.splits, run.data.class_names):
         accelerator.print(line)
     out = Path(out_dir) if out_dir else path / f"eval_{'_'.join(splits)}"
     if accelerator.is_main_process:
@@ -100,6 +85,60 @@ def evaluate_run(path, *, splits: Optional[List[str]] = None, out_dir=None, over
         accelerator.print(format_summary(metrics, title=f"NCL evaluation of {path.name}"))
         accelerator.print(f"wrote {out}")
     return metrics
+
+
+@dataclass
+class SavedRun:
+    """A saved model opened for evaluation with its data: what :func:`evaluate_run` evaluates, for scripts that
+    need the model's predictions rather than its report (``benchmarks/calibration_split.py``)."""
+
+    path: Path
+    config: RunConfig
+    model: Any
+    """the loaded ``NCLModel`` (its saved class prior and calibration still set)"""
+    data: Any
+    """the ``DataBundle`` rebuilt from the run's configuration"""
+    class_counts: List[int]
+    """training images per class the model was trained on (saved with it; else the rebuilt data's)"""
+    selected_expert: Optional[int]
+    """the expert selected on validation (0 for one expert; None when the run did not record one)"""
+
+    @property
+    def splits(self) -> Dict[str, Any]:
+        return {"train": self.data.train, "val": self.data.val, "test": self.data.test}
+
+
+def open_run(path, splits: List[str], *, overrides: Optional[Dict[str, Any]] = None) -> SavedRun:
+    """Load a training output folder (its best/ model) or an export folder, and rebuild its data from the run's
+    saved configuration (``overrides`` as in :func:`evaluate_run`), checking the images of ``splits`` first."""
+    path = Path(path)
+    cfg, model_dir = _saved_run(path)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    counts = _read_run_json(model_dir / "config.json").get("ncl", {}).get("class_counts")
+    model = _load_for_evaluation(model_dir)
+    data = build_data(cfg, check=list(splits))
+    run_info = path / "run_info.json"
+    selected = 0 if model.num_experts == 1 else (
+        _read_run_json(run_info).get("selected_expert") if run_info.is_file() else None)
+    return SavedRun(path, cfg, model, data, list(counts or data.class_counts), selected)
+
+
+def predict_splits(run: SavedRun, splits: List[str], accelerator: Accelerator, *,
+                   batch_size: Optional[int] = None) -> Dict[str, Tuple[Any, Any]]:
+    """The raw expert logits [K, N, C] (no class prior, no calibration) and labels [N] of the run's model on each
+    split, by name; a split the data do not have is a ConfigError naming those it has."""
+    run.model.set_class_prior(None)
+    run.model.to(accelerator.device)
+    predictions = {}
+    for name in dict.fromkeys(splits):
+        if run.splits.get(name) is None:
+            have = [k for k, v in run.splits.items() if v is not None]
+            raise ConfigError(f"split {name!r} is not available; have {have}")
+        loader = build_eval_loader(run.config, run.splits[name], run.model.pretrained_cfg, batch_size or 0,
+                                   split=name)
+        predictions[name] = predict(run.model, accelerator.prepare(loader), accelerator)
+    return predictions
 
 
 def _saved_run(path: Path) -> Tuple[RunConfig, Path]:
