@@ -529,3 +529,14 @@ def test_a_deployment_study_evaluates_only_methods_its_study_trains(tmp_path, ti
     _fake_deployment(study.evaluated.run_dir("ncl_e4", 0), 50.0, num_experts=2, selected=0,
                      oracle_gain=_by_r(4, 0, 1), estimate_gap=_by_r(0, 0, 0))
     assert S.collect_deployment(study)["methods"]["ncl_e4"]["label"] == "NCL, 4 epochs"
+
+
+def test_records_name_files_inside_the_checkout_relative_to_it():
+    # an absolute --config inside the checkout is recorded as the repo-relative path, as a relative one is
+    absolute = S.load_study(REPO / "recipes" / "studies" / "deployment_small.yaml")
+    record = S.collect_deployment(absolute)
+    assert record["study_file"] == "recipes/studies/deployment_small.yaml"
+    assert record["evaluates_file"] == "recipes/studies/schedule_small.yaml"
+    training = S.collect(S.load_study(REPO / "recipes" / "studies" / "schedule_small.yaml"), REPO / "docs" / "results")
+    assert training["study_file"] == "recipes/studies/schedule_small.yaml"
+    assert training["config"] == "recipes/configs/cifar10_lt_if100.yaml"

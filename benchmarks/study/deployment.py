@@ -20,7 +20,7 @@ from ncl_hub.evaluate.report import prior_kind
 from ncl_hub.priors import format_imbalance
 
 from .stats import _stats
-from .study import DeploymentStudy, Method, is_finished
+from .study import DeploymentStudy, Method, is_finished, repo_relative
 
 MODELS = ("single", "ensemble")
 # per r: top-1 (%) raw and oracle (exact); with the estimated prior, its spread over draws, and the raw and oracle
@@ -43,8 +43,8 @@ def collect_deployment(study: DeploymentStudy) -> Dict[str, Any]:
     evaluated = study.evaluated
     return {"name": study.name, "kind": "deployment", "position": study.position, "title": study.title,
             "description": study.description, "findings": study.findings,
-            "study_file": str(study.source) if study.source else None, "evaluates": evaluated.name,
-            "evaluates_file": str(evaluated.source) if evaluated.source else None,
+            "study_file": repo_relative(study.source) if study.source else None, "evaluates": evaluated.name,
+            "evaluates_file": repo_relative(evaluated.source) if evaluated.source else None,
             "evaluate_args": study.evaluate_args, "out": study.out, "seeds": evaluated.seeds,
             "test_imbalances": _imbalances(k for r in runs for m in r["models"].values() for k in m["prior_shift"]),
             "targets": study.targets, "methods": methods,

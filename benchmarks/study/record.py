@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ncl_hub.config import ConfigError, parse_args
 
 from .stats import _stats
-from .study import REPO, Method, Study, cli_args, is_finished
+from .study import REPO, Method, Study, cli_args, is_finished, repo_relative
 
 METRIC_KEYS = ("top1", "many", "medium", "few")  # a run's summary keys: top-1 and ncl_hub.evaluate.GROUPS
 
@@ -72,7 +72,8 @@ def collect(study: Study, records_dir: Path = REPO / "docs" / "results") -> Dict
     methods = {m.name: _method_entry(study, m, Path(records_dir)) for m in study.methods}
     record = {"name": study.name, "position": study.position,
               "title": study.title, "description": study.description, "findings": study.findings,
-              "study_file": str(study.source) if study.source else None, "config": _repo_relative(study.config),
+              "study_file": repo_relative(study.source) if study.source else None,
+              "config": repo_relative(study.config),
               "common": study.common, "seeds": study.seeds, "baseline": study.baseline, "methods": methods,
               "commits": sorted({r["commit"] for m in methods.values() for r in m["runs"].values() if r["commit"]})}
     if study.series:
@@ -189,9 +190,3 @@ def schedule_grid(record: Dict[str, Any]) -> Tuple[List[int], Dict[str, Dict[int
     epochs = sorted({e for row in grid.values() for e in row})
     return epochs, {s: dict(sorted(grid[s].items())) for s in record.get("series", {}) if s in grid}
 
-
-def _repo_relative(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)

@@ -88,6 +88,17 @@ import yaml
 from ncl_hub.config import ConfigError, parse_args
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout whose recipes/train.py the runs use
+
+
+def repo_relative(path) -> str:
+    """``path`` relative to the checkout when it lies inside it (records name files the same from any working
+    directory or absolute ``--config``), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 _STUDY_KEYS = {"name", "kind", "title", "description", "findings", "config", "output_root", "seeds", "common",
                "methods", "baseline", "position", "series"}
 _METHOD_KEYS = {"label", "overrides", "seeds", "from", "series"}
