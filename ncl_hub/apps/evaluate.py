@@ -92,7 +92,6 @@ class SavedRun:
     """A saved model opened for evaluation with its data: what :func:`evaluate_run` evaluates, for scripts that
     need the model's predictions rather than its report (``benchmarks/calibration_split.py``)."""
 
-    path: Path
     config: RunConfig
     model: Any
     """the loaded ``NCLModel`` (its saved class prior and calibration still set)"""
@@ -121,7 +120,7 @@ def open_run(path, splits: List[str], *, overrides: Optional[Dict[str, Any]] = N
     run_info = path / "run_info.json"
     selected = 0 if model.num_experts == 1 else (
         _read_run_json(run_info).get("selected_expert") if run_info.is_file() else None)
-    return SavedRun(path, cfg, model, data, list(counts or data.class_counts), selected)
+    return SavedRun(cfg, model, data, list(counts or data.class_counts), selected)
 
 
 def predict_splits(run: SavedRun, splits: List[str], accelerator: Accelerator, *,
