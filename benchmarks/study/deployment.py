@@ -43,8 +43,8 @@ def collect_deployment(study: DeploymentStudy) -> Dict[str, Any]:
     evaluated = study.evaluated
     return {"name": study.name, "kind": "deployment", "position": study.position, "title": study.title,
             "description": study.description, "findings": study.findings,
-            "study_file": repo_relative(study.source) if study.source else None, "evaluates": evaluated.name,
-            "evaluates_file": repo_relative(evaluated.source) if evaluated.source else None,
+            "study_file": repo_relative(study.source), "evaluates": evaluated.name,
+            "evaluates_file": repo_relative(evaluated.source),
             "evaluate_args": study.evaluate_args, "out": study.out, "seeds": evaluated.seeds,
             "test_imbalances": _imbalances(k for r in runs for m in r["models"].values() for k in m["prior_shift"]),
             "targets": study.targets, "methods": methods,

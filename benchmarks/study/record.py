@@ -72,7 +72,7 @@ def collect(study: Study, records_dir: Path = REPO / "docs" / "results") -> Dict
     methods = {m.name: _method_entry(study, m, Path(records_dir)) for m in study.methods}
     record = {"name": study.name, "position": study.position,
               "title": study.title, "description": study.description, "findings": study.findings,
-              "study_file": repo_relative(study.source) if study.source else None,
+              "study_file": repo_relative(study.source),
               "config": repo_relative(study.config),
               "common": study.common, "seeds": study.seeds, "baseline": study.baseline, "methods": methods,
               "commits": sorted({r["commit"] for m in methods.values() for r in m["runs"].values() if r["commit"]})}

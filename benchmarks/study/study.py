@@ -90,9 +90,11 @@ from ncl_hub.config import ConfigError, parse_args
 REPO = Path(__file__).resolve().parents[2]  # the checkout whose recipes/train.py the runs use
 
 
-def repo_relative(path) -> str:
+def repo_relative(path) -> Optional[str]:
     """``path`` relative to the checkout when it lies inside it (records name files the same from any working
-    directory or absolute ``--config``), else as given."""
+    directory or absolute ``--config``), else as given; None stays None."""
+    if path is None:
+        return None
     try:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
